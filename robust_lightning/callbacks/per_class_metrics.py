@@ -1,0 +1,152 @@
+"""PerClassMetrics: per-class accuracy, precision, recall, F1 and the confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from robust_lightning.data.fields import Key, get_field, resolve_key
+
+METRICS = ("accuracy", "precision", "recall", "f1")
+_STAGES = ("val", "test")
+
+
+def _collection(num_classes: int) -> MetricCollection:
+    per_class = {"num_classes": num_classes, "average": None}
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(**per_class),
+            "precision": MulticlassPrecision(**per_class, zero_division=0),
+            "recall": MulticlassRecall(**per_class, zero_division=0),
+            "f1": MulticlassF1Score(**per_class, zero_division=0),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        }
+    )
+
+
+class PerClassMetrics(Callback):
+    """Track per-class metrics on the validation and test sets of any classifier.
+
+    After each validation epoch and each test run it logs ``{stage}/{metric}/{class}`` for the
+    metrics accuracy, precision, recall and F1 (per-class accuracy is the class's recall, as in
+    torchmetrics), and the macro mean as ``{stage}/{metric}/macro``. The values are synced across
+    DDP ranks. Each epoch's values and confusion matrix are appended to :attr:`history`, which is
+    saved in checkpoints.
+
+    The callback runs the module's ``forward`` on each evaluation batch's inputs, so the module
+    needs no change as long as ``forward(x)`` returns logits.
+
+    Args:
+        num_classes: number of classes.
+        class_names: names used in the logged keys; defaults to ``"0"``, ``"1"``, ...
+        input_key, target_key: where inputs and labels are in a batch; by default positions 0 and 1
+            of a tuple or list, or conventional dict keys such as ``"image"`` and ``"label"``.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from robust_lightning.data import DigitsDataModule
+        >>> from robust_lightning.models import SmallCNN
+        >>> metrics = PerClassMetrics(num_classes=10)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[metrics], logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> _ = trainer.test(SmallCNN(), datamodule=DigitsDataModule(), verbose=False)
+        >>> record = metrics.history[-1]
+        >>> record["stage"], len(record["recall"]), "test/f1/macro" in trainer.callback_metrics
+        ('test', 10, True)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        input_key: Key | None = None,
+        target_key: Key | None = None,
+    ) -> None:
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        names = [str(c) for c in range(num_classes)] if class_names is None else [str(c) for c in class_names]
+        if len(names) != num_classes or len(set(names)) != num_classes:
+            raise ValueError(f"class_names must hold {num_classes} distinct names, got {list(class_names or [])}.")
+        self.num_classes = num_classes
+        self.class_names = names
+        self.input_key = input_key
+        self.target_key = target_key
+        self.history: list[dict[str, Any]] = []
+        self._metrics = {stage: _collection(num_classes) for stage in _STAGES}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_classes=self.num_classes, class_names=self.class_names)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Metrics held by a callback are not submodules, so they do not follow the module's device.
+        for collection in self._metrics.values():
+            collection.to(pl_module.device)
+
+    def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        x = get_field(batch, resolve_key(batch, self.input_key, "input"))
+        y = get_field(batch, resolve_key(batch, self.target_key, "target"))
+        try:
+            logits = pl_module(x)
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"PerClassMetrics calls {type(pl_module).__name__}(x) to get logits. "
+                "Add a forward(self, x) that returns the class logits."
+            ) from error
+        self._metrics[stage].update(logits.detach(), y)
+
+    def _log(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        collection = self._metrics[stage]
+        values = {name: value.cpu() for name, value in collection.compute().items()}  # a collective under DDP
+        collection.reset()
+        scalars = {}
+        for metric in METRICS:
+            scalars[f"{stage}/{metric}/macro"] = values[metric].mean()
+            scalars.update({f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[metric])})
+        pl_module.log_dict(scalars)
+        record = {"stage": stage, "epoch": trainer.current_epoch}
+        record.update({metric: values[metric].tolist() for metric in METRICS})
+        record["confusion"] = values["confusion"].tolist()
+        record["support"] = values["confusion"].sum(1).tolist()
+        self.history.append(record)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update("val", trainer, pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update("test", trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log("test", trainer, pl_module)
+
+    def last(self, stage: str) -> dict[str, Any]:
+        """The latest record of ``stage`` ("val" or "test") in the history."""
+        for record in reversed(self.history):
+            if record["stage"] == stage:
+                return record
+        raise LookupError(f"PerClassMetrics has no {stage} results yet; run trainer.validate or trainer.test first.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(record) for record in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(record) for record in state_dict["history"]]

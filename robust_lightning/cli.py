@@ -1,0 +1,117 @@
+"""The ``robust-lightning`` command: a Hydra app that trains a recipe and reports per class."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+
+from robust_lightning.callbacks import PerClassMetrics
+from robust_lightning.data import RobustDataModule
+from robust_lightning.report import per_class_table
+
+log = logging.getLogger(__name__)
+
+KNOWN_KEYS = {"purpose", "seed", "num_classes", "data", "model", "trainer", "poison", "callbacks", "logger", "robust"}
+
+
+def _resource_dir(name: str) -> Path:
+    packaged = Path(__file__).parent / name
+    # A wheel carries conf/ and recipes/ inside the package; a source checkout has them at its top.
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / name
+
+
+CONFIG_DIR = _resource_dir("conf")
+RECIPES_DIR = _resource_dir("recipes")
+
+
+def register_recipes() -> list[str]:
+    """Make every ``recipes/NAME.yaml`` an option of the ``recipe`` config group.
+
+    Recipes live outside ``conf/`` so that users find them at the top of the repository; the
+    config store is how Hydra takes a group from elsewhere under a name of our choosing.
+    """
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse top-level keys that nothing reads, such as a recipe's typo."""
+    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1)) else repr(key) for key in unknown]
+        raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(KNOWN_KEYS)}.")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test the configured run; return its test metrics. Writes into ``run_dir``."""
+    check_keys(cfg)
+    seed_everything(cfg.seed, workers=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    poison = instantiate(cfg.poison) if cfg.get("poison") else None
+    datamodule = RobustDataModule(instantiate(cfg.data), poison=poison, num_classes=cfg.num_classes, **cfg.robust)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False)
+    trainer.fit(model, datamodule=datamodule)
+    results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if trainer.is_global_zero:
+        print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
+    return results
+
+
+def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict[str, float], run_dir: Path) -> str:
+    lines = []
+    metrics = next((c for c in callbacks if isinstance(c, PerClassMetrics)), None)
+    if metrics is not None:
+        poisoned = datamodule.summary.poisoned if datamodule.summary is not None else None
+        lines += ["", "Test results per class (%):", per_class_table(metrics.last("test"), metrics.class_names, poisoned)]
+    if "test/acc" in results:
+        lines.append(f"Test accuracy: {100 * results['test/acc']:.1f}%")
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts)
+    lines += [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
+    return "\n".join(lines)
+
+
+def _quiet_startup() -> None:
+    """Send our log records to the handlers Hydra set up, and drop warnings that need no action here."""
+    package_logger = logging.getLogger("robust_lightning")
+    package_logger.handlers.clear()
+    package_logger.propagate = True
+    # Hydra writes .hydra/ and cli.log into the run folder before the CSV logger adds metrics.csv there.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Raised inside Lightning under recent torch; nothing a user of this command can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    _quiet_startup()
+    hydra_cfg = HydraConfig.get()
+    recipe = hydra_cfg.runtime.choices.get("recipe")
+    log.info("Recipe %s: %s", recipe, cfg.purpose)
+    run(cfg, Path(hydra_cfg.runtime.output_dir))
+
+
+def main() -> None:
+    """Entry point of the ``robust-lightning`` console script."""
+    register_recipes()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""RobustDataModule: wraps any LightningDataModule with sample ids, exclusion, drills and validation."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.overrides import is_overridden
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from robust_lightning.data.fields import Key, resolve_key
+from robust_lightning.data.loader import IdBatch, IndexedDataset, loader_shuffles, rebuild_loader
+from robust_lightning.data.sampler import ExclusionSampler
+from robust_lightning.data.validation import DataSummary, SplitScan, scan_split, summarize
+from robust_lightning.poison.base import LabelPoison
+
+log = logging.getLogger(__name__)
+
+# The wrapper must override this hook to strip the ids, and then calls the module's own version
+# itself, so Lightning's warning that only the datamodule's hook runs does not apply.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in both")
+
+# Hooks whose mere presence on a datamodule changes what Lightning does (a val loop runs only if
+# val_dataloader is overridden, the datamodule's transfer hooks shadow the module's), so the
+# wrapper exposes exactly those the wrapped datamodule overrides.
+_MIRRORED_HOOKS = ("val_dataloader", "test_dataloader", "predict_dataloader", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+class RobustDataModule(LightningDataModule):
+    """Wrap any LightningDataModule to give callbacks sample ids, exclusion, drills and data checks.
+
+    * Each training sample's id is its position in the wrapped train dataset. The ids of the
+      batch being trained on are in :attr:`batch_ids`; the batch itself reaches ``training_step``
+      exactly as the wrapped datamodule's loader builds it.
+    * :meth:`exclude` and :meth:`include` flip a mask that the train sampler honours from the next
+      epoch on, on every DDP rank alike. Nothing is deleted, and the mask is saved in checkpoints.
+    * ``poison`` applies a drill (e.g. :class:`~robust_lightning.poison.PairFlip`) to the train split
+      only; :attr:`poison_mask` is its ground truth.
+    * ``validate`` checks every split at setup and logs a :class:`DataSummary`. At fit time the test
+      split is set up too, to count exact duplicates between train and test.
+
+    Args:
+        datamodule: the LightningDataModule to wrap. Its train_dataloader() must return a plain
+            ``DataLoader``, shuffled or not.
+        poison: a drill from :mod:`robust_lightning.poison`, or None.
+        validate: raise :class:`~robust_lightning.data.validation.DataValidationError` on NaN or inf
+            values, labels outside ``[0, num_classes)``, mismatched shapes or dtypes and empty splits.
+        num_classes: number of classes; defaults to ``datamodule.num_classes``.
+        target_key: where the label is in a sample: an index or a dict key. By default position 1
+            of a tuple or list, or a key such as ``"label"``, ``"target"`` or ``"y"`` of a dict.
+        seed: seeds the shuffling of the train sampler (with the epoch number).
+
+    Example:
+        >>> from robust_lightning.data import DigitsDataModule
+        >>> from robust_lightning.poison import PairFlip
+        >>> dm = RobustDataModule(DigitsDataModule(), poison=PairFlip({4: 8, 8: 4}, rate=0.4))
+        >>> dm.setup("fit")
+        >>> int(dm.poison_mask.sum()), dm.num_train
+        (102, 1293)
+        >>> dm.exclude([0, 1, 2]); dm.excluded_ids.tolist()
+        [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        datamodule: LightningDataModule,
+        poison: LabelPoison | None = None,
+        validate: bool = True,
+        num_classes: int | None = None,
+        target_key: Key | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(datamodule, LightningDataModule):
+            raise TypeError(f"RobustDataModule wraps a LightningDataModule, got {type(datamodule).__name__}.")
+        if poison is not None and not isinstance(poison, LabelPoison):
+            raise TypeError(f"poison must be a drill from robust_lightning.poison, got {type(poison).__name__}.")
+        num_classes = num_classes if num_classes is not None else getattr(datamodule, "num_classes", None)
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(
+                f"RobustDataModule needs the number of classes, got {num_classes!r}. "
+                "Pass num_classes=... or give your datamodule a num_classes attribute."
+            )
+        self.datamodule = datamodule
+        self.poison = poison
+        self.validate = validate
+        self.num_classes = num_classes
+        self.target_key = target_key
+        self.seed = seed
+        self.batch_ids: Tensor | None = None
+        self.poison_mask: Tensor | None = None
+        self.summary: DataSummary | None = None
+        self._excluded: Tensor | None = None
+        self._restored_excluded: Tensor | None = None
+        self._train: IndexedDataset | None = None
+        self._scans: dict[str, SplitScan] = {}
+        for hook in _MIRRORED_HOOKS:
+            if is_overridden(hook, datamodule, LightningDataModule):
+                setattr(self, hook, getattr(datamodule, hook))
+
+    @staticmethod
+    def from_trainer(trainer: Trainer) -> RobustDataModule:
+        """The RobustDataModule the trainer runs with; a clear error if there is none."""
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, RobustDataModule):
+            raise RuntimeError(
+                "This needs sample ids, which come from RobustDataModule. Wrap your datamodule: "
+                "trainer.fit(model, datamodule=RobustDataModule(your_datamodule))."
+            )
+        return datamodule
+
+    # ----------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+        if stage == "fit":
+            self._setup_train()
+        elif stage in ("validate", "test") and self.validate:
+            self._scan({"validate": "val", "test": "test"}[stage])
+
+    def teardown(self, stage: str) -> None:
+        self.datamodule.teardown(stage)
+
+    def _setup_train(self) -> None:
+        if self._train is not None:
+            return
+        base = self.datamodule.train_dataloader().dataset
+        labels = None
+        if self.validate or self.poison is not None:
+            train = self._scan("train", base)
+        if self.poison is not None:
+            labels, self.poison_mask = self.poison(train.labels, self.num_classes)
+        if self.validate:
+            self._scan("val")
+            if is_overridden("test_dataloader", self.datamodule, LightningDataModule):
+                self.datamodule.setup("test")
+                self._scan("test")
+            self.summary = summarize(self._scans, self.num_classes, self.poison_mask)
+            _log_summary(self.summary, self.poison)
+        self._train = IndexedDataset(base, resolve_key(base[0], self.target_key, "target"), labels, self.poison_mask)
+        self._excluded = torch.zeros(len(base), dtype=torch.bool)
+        if self._restored_excluded is not None:
+            self._apply_restored(self._restored_excluded)
+
+    def _scan(self, split: str, dataset: Dataset | None = None) -> SplitScan | None:
+        """Scan a split once; ``dataset`` defaults to the one behind the datamodule's loader for it."""
+        if split not in self._scans:
+            dataset = dataset if dataset is not None else self._dataset_of(split)
+            if dataset is None:
+                return None
+            progress = rank_zero_only.rank == 0
+            self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, self.validate, progress)
+        return self._scans[split]
+
+    def _dataset_of(self, split: str) -> Dataset | None:
+        hook = f"{split}_dataloader"
+        if not is_overridden(hook, self.datamodule, LightningDataModule):
+            return None
+        loader = getattr(self.datamodule, hook)()
+        # Several loaders for one split are left unchecked: which one a sample id refers to is ambiguous.
+        return loader.dataset if isinstance(loader, DataLoader) else None
+
+    # ------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        if self._train is None:
+            raise RuntimeError("Call setup('fit') before train_dataloader(); Trainer.fit does it for you.")
+        user_loader = self.datamodule.train_dataloader()
+        shuffle = loader_shuffles(user_loader)
+        trainer = self.trainer
+        sampler = ExclusionSampler(
+            self._train,
+            self._excluded,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return rebuild_loader(user_loader, self._train, sampler)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, IdBatch):
+            self.batch_ids = batch.ids
+            batch = batch.batch
+        if is_overridden("on_before_batch_transfer", self.datamodule, LightningDataModule):
+            return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
+        if self.trainer is not None:
+            return self.trainer.lightning_module.on_before_batch_transfer(batch, dataloader_idx)
+        return batch
+
+    # ------------------------------------------------------------ exclusion
+    @property
+    def num_train(self) -> int:
+        return len(self._require_train())
+
+    @property
+    def excluded(self) -> Tensor:
+        """A copy of the exclusion mask over the training ids."""
+        self._require_train()
+        return self._excluded.clone()
+
+    @property
+    def excluded_ids(self) -> Tensor:
+        return self.excluded.nonzero().flatten()
+
+    def exclude(self, ids: Any) -> None:
+        """Leave these training ids out from the next epoch on. Under DDP call it on every rank."""
+        self._set_excluded(ids, True)
+
+    def include(self, ids: Any) -> None:
+        """Bring excluded training ids back from the next epoch on. Under DDP call it on every rank."""
+        self._set_excluded(ids, False)
+
+    def _set_excluded(self, ids: Any, value: bool) -> None:
+        self._require_train()
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        outside = ids[(ids < 0) | (ids >= len(self._excluded))]
+        if len(outside):
+            raise IndexError(f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {len(self._excluded) - 1}.")
+        mask = self._excluded.clone()
+        mask[ids] = value
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Rank 0's decision wins, so that every rank samples from the same mask.
+            mask = trainer.strategy.broadcast(mask, src=0)
+        if bool(mask.all()):
+            raise ValueError("This would exclude every training sample; at least one must stay.")
+        self._excluded.copy_(mask)
+        if trainer is not None and trainer.state.fn == "fit" and not trainer.reload_dataloaders_every_n_epochs:
+            # Lightning sizes the epoch when it builds the train loader, so it must rebuild it.
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def _require_train(self) -> IndexedDataset:
+        if self._train is None:
+            raise RuntimeError("The training split is not set up yet: call setup('fit') first (Trainer.fit does).")
+        return self._train
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"datamodule": self.datamodule.state_dict()}
+        if self._excluded is not None:
+            state["excluded"] = self._excluded.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict.get("datamodule", {}))
+        if "excluded" not in state_dict:
+            return
+        if self._excluded is None:
+            self._restored_excluded = state_dict["excluded"]
+        else:
+            self._apply_restored(state_dict["excluded"])
+
+    def _apply_restored(self, excluded: Tensor) -> None:
+        if len(excluded) != len(self._excluded):
+            raise ValueError(
+                f"The checkpoint's exclusion mask covers {len(excluded)} training samples, but the train split has "
+                f"{len(self._excluded)}. Resume with the same data as the run that saved the checkpoint."
+            )
+        self._excluded.copy_(excluded)
+
+
+@rank_zero_only
+def _log_summary(summary: DataSummary, poison: LabelPoison | None) -> None:
+    drill = f"poisoned with {poison!r}\n" if poison is not None else ""
+    log.info("Data summary (samples per class):\n%s%s", drill, summary)

@@ -1,0 +1,63 @@
+"""What every poisoning drill shares: a validated rate, a seed and a ground-truth mask."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class PoisonResult(NamedTuple):
+    """Poisoned labels and the boolean mask of the samples a drill changed."""
+
+    labels: Tensor
+    mask: Tensor
+
+
+def check_rate(rate: float) -> float:
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"A poison rate must lie in [0, 1), got {rate!r}. Use e.g. rate=0.4 for 40%.")
+    return float(rate)
+
+
+def count_for(rate: float, n: int) -> int:
+    """``round(rate * n)`` rounding halves up, so that the count never depends on banker's rounding."""
+    return math.floor(rate * n + 0.5)
+
+
+def check_labels(labels: Tensor, num_classes: int) -> Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"Labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} and {labels.dtype}.")
+    outside = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+    if len(outside):
+        raise ValueError(f"Labels of ids {outside[:10].tolist()} lie outside [0, {num_classes}).")
+    return labels.long()
+
+
+class LabelPoison(ABC):
+    """A drill that changes labels only. Subclasses implement :meth:`select`.
+
+    Calling a drill never modifies its input and gives the same result for the same seed.
+    """
+
+    def __init__(self, rate: float, seed: int = 0) -> None:
+        self.rate = check_rate(rate)
+        self.seed = int(seed)
+
+    def __call__(self, labels: Tensor, num_classes: int) -> PoisonResult:
+        labels = check_labels(labels, num_classes)
+        generator = torch.Generator().manual_seed(self.seed)
+        poisoned = self.select(labels, num_classes, generator)
+        return PoisonResult(poisoned, poisoned != labels)
+
+    @abstractmethod
+    def select(self, labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
+        """Return new labels for ``labels``; a changed entry must change class."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

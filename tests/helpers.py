@@ -1,0 +1,139 @@
+"""DataModules and modules written the way users write them, without robust-lightning in mind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from robust_lightning import RobustDataModule
+from robust_lightning.data import DigitsDataModule
+
+
+class SampleDataset(Dataset):
+    """Digits as tuple, list or dict samples."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, structure: str = "tuple"):
+        self.x, self.y, self.structure = x, y, structure
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        if self.structure == "dict":
+            return {"image": self.x[i], "label": self.y[i]}
+        if self.structure == "list":
+            return [self.x[i], self.y[i]]
+        return self.x[i], self.y[i]
+
+
+class StructuredDigits(LightningDataModule):
+    """A user datamodule over the digits whose samples are tuples, lists or dicts."""
+
+    num_classes = 10
+
+    def __init__(self, structure: str = "tuple", shuffle: bool = True, batch_size: int = 64, train_size: int | None = None):
+        super().__init__()
+        self.structure, self.shuffle, self.batch_size, self.train_size = structure, shuffle, batch_size, train_size
+
+    def setup(self, stage: str) -> None:
+        digits = DigitsDataModule()
+        digits.setup(stage)
+        splits = {}
+        for name in ("train", "val", "test"):
+            tensors = getattr(digits, f"{name}_set").tensors
+            if name == "train" and self.train_size:
+                tensors = [t[: self.train_size] for t in tensors]
+            splits[name] = SampleDataset(*tensors, structure=self.structure)
+        self.train_set, self.val_set, self.test_set = splits["train"], splits["val"], splits["test"]
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_set, batch_size=self.batch_size)
+
+
+def split_batch(batch):
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
+class RecordingClassifier(LightningModule):
+    """A small classifier that records every training batch it receives, with the ids beside it."""
+
+    def __init__(self, lr: float = 1e-2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.criterion = nn.CrossEntropyLoss()
+        self.lr = lr
+        self.seen: list[tuple[int, object, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        ids = RobustDataModule.from_trainer(self.trainer).batch_ids
+        self.seen.append((self.current_epoch, batch, ids.clone()))
+        x, y = split_batch(batch)
+        return self.criterion(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        self.log("val_loss", self.criterion(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def ids_by_epoch(self) -> dict[int, list[int]]:
+        epochs: dict[int, list[int]] = {}
+        for epoch, _, ids in self.seen:
+            epochs.setdefault(epoch, []).extend(ids.tolist())
+        return epochs
+
+
+class DumpIdsPerEpoch(Callback):
+    """Writes, per rank, the training ids seen in each epoch and the exclusion mask, for DDP tests."""
+
+    def __init__(self, folder: str, exclude_after_epoch: dict[int, list[int]] | None = None):
+        self.folder = folder
+        self.exclude_after_epoch = exclude_after_epoch or {}
+        self.ids: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        ids = RobustDataModule.from_trainer(trainer).batch_ids
+        self.ids.setdefault(trainer.current_epoch, []).extend(ids.tolist())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        dm = RobustDataModule.from_trainer(trainer)
+        if trainer.current_epoch in self.exclude_after_epoch:
+            dm.exclude(self.exclude_after_epoch[trainer.current_epoch])
+        record = {"ids": self.ids, "excluded": dm.excluded_ids.tolist()}
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def trainer_kwargs(**overrides):
+    """Settings shared by the tests' Trainers: CPU, no files, no progress bars."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    return kwargs

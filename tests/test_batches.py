@@ -1,0 +1,134 @@
+"""The user's batch reaches training_step unchanged, and the ids of its samples are known."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
+from robust_lightning import RobustDataModule
+
+STRUCTURES = ["tuple", "list", "dict"]
+
+
+def assert_same_batch(got, expected):
+    assert type(got) is type(expected)
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        pairs = [(got[k], expected[k]) for k in expected]
+    else:
+        assert len(got) == len(expected)
+        pairs = list(zip(got, expected))
+    for a, b in pairs:
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_unshuffled_batches_are_exactly_the_users_and_ids_run_in_order(structure):
+    user_dm = StructuredDigits(structure, shuffle=False)
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs()).fit(model, datamodule=RobustDataModule(user_dm))
+    expected = list(user_dm.train_dataloader())
+    assert len(model.seen) == len(expected)
+    for (_, batch, ids), reference in zip(model.seen, expected):
+        assert_same_batch(batch, reference)
+    assert torch.cat([ids for _, _, ids in model.seen]).tolist() == list(range(len(user_dm.train_set)))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_shuffled_batches_hold_the_samples_their_ids_name(structure):
+    user_dm = StructuredDigits(structure, shuffle=True)
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(max_epochs=2)).fit(model, datamodule=RobustDataModule(user_dm))
+    for _, batch, ids in model.seen:
+        x, y = split_batch(batch)
+        assert torch.equal(x, user_dm.train_set.x[ids]) and torch.equal(y, user_dm.train_set.y[ids])
+    epochs = model.ids_by_epoch()
+    for ids in epochs.values():
+        assert sorted(ids) == list(range(len(user_dm.train_set)))
+    assert epochs[0] != epochs[1], "each epoch is shuffled anew"
+
+
+class HookedClassifier(RecordingClassifier):
+    """Overrides the batch-transfer hooks, as users do to normalise or reformat on the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"before": 0, "transfer": 0, "after": 0}
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.calls["before"] += 1
+        x, y = batch
+        return x * 2, y
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.calls["transfer"] += 1
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.calls["after"] += 1
+        x, y = batch
+        return {"image": x - 1, "label": y}
+
+
+def test_a_module_that_overrides_the_batch_transfer_hooks_keeps_working():
+    user_dm = StructuredDigits("tuple", shuffle=True)
+    model = HookedClassifier()
+    trainer = Trainer(**trainer_kwargs(limit_val_batches=0))
+    trainer.fit(model, datamodule=RobustDataModule(user_dm))
+    n_batches = len(model.seen)
+    assert model.calls == {"before": n_batches, "transfer": n_batches, "after": n_batches}
+    for _, batch, ids in model.seen:
+        assert torch.equal(batch["image"], user_dm.train_set.x[ids] * 2 - 1)
+
+
+class HookedDigits(StructuredDigits):
+    """A datamodule that overrides the hooks itself; Lightning then prefers it over the module's."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x + 10, y
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return [x, y]
+
+
+def test_a_datamodule_that_overrides_the_batch_transfer_hooks_keeps_working():
+    user_dm = HookedDigits("tuple", shuffle=True)
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(limit_val_batches=0)).fit(model, datamodule=RobustDataModule(user_dm))
+    for _, batch, ids in model.seen:
+        assert isinstance(batch, list)
+        assert torch.equal(batch[0], user_dm.train_set.x[ids] + 10)
+
+
+def test_reading_ids_without_the_wrapper_says_how_to_wrap():
+    model = RecordingClassifier()
+    with pytest.raises(RuntimeError, match=r"RobustDataModule\(your_datamodule\)"):
+        Trainer(**trainer_kwargs()).fit(model, datamodule=StructuredDigits())
+
+
+def test_loaders_the_wrapper_cannot_rebuild_are_refused_with_the_fix():
+    class Weighted(StructuredDigits):
+        def train_dataloader(self):
+            weights = torch.ones(len(self.train_set))
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights))
+            return torch.utils.data.DataLoader(self.train_set, sampler=sampler, batch_size=8)
+
+    dm = RobustDataModule(Weighted())
+    dm.setup("fit")
+    with pytest.raises(TypeError, match="custom sampler .WeightedRandomSampler.*Return a plain torch DataLoader"):
+        dm.train_dataloader()
+
+
+def test_workers_and_user_loader_settings_are_kept():
+    class Workers(StructuredDigits):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_set, batch_size=50, shuffle=True, num_workers=2, drop_last=True)
+
+    user_dm = Workers("dict")
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(limit_val_batches=0)).fit(model, datamodule=RobustDataModule(user_dm))
+    assert len(model.seen) == len(user_dm.train_set) // 50
+    for _, batch, ids in model.seen:
+        assert len(ids) == 50 and torch.equal(batch["image"], user_dm.train_set.x[ids])

@@ -1,0 +1,73 @@
+"""The robust-lightning command, run as a user runs it: the installed console script, in a fresh folder."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCRIPT = shutil.which("robust-lightning", path=str(Path(sys.executable).parent)) or shutil.which("robust-lightning")
+FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+
+
+def cli(*args, cwd):
+    assert SCRIPT, "the robust-lightning console script is not installed; run the README's set-up command"
+    return subprocess.run([SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def run_folder(stdout: str) -> Path:
+    line = next(line for line in stdout.splitlines() if line.startswith("Run folder: "))
+    return Path(line.removeprefix("Run folder: "))
+
+
+def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(tmp_path):
+    result = cli(*FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Data summary (samples per class):" in out
+    table = out.split("Test results per class (%):\n")[1].splitlines()
+    assert table[0].split()[:5] == ["class", "accuracy", "precision", "recall", "f1"]
+    rows = {line.split()[0]: line.split() for line in table[1:11]}
+    assert sorted(rows) == list("0123456789")
+    poisoned = {c: int(rows[c][-1]) for c in rows}
+    assert {c for c, n in poisoned.items() if n} == {"4", "6", "8", "9"}
+
+    folder = run_folder(out)
+    assert folder.is_relative_to(tmp_path / "runs")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["poison"]["rate"] == 0.4 and config["trainer"]["max_epochs"] == 2
+    assert "${" not in (folder / "config.yaml").read_text(), "the saved config is resolved"
+    metrics_csv = (folder / "metrics.csv").read_text().splitlines()
+    assert "val/recall/4" in metrics_csv[0] and "test/f1/macro" in metrics_csv[0]
+    assert (folder / "checkpoints" / "last.ckpt").stat().st_size > 0
+
+
+def test_help_lists_recipes_and_config_groups(tmp_path):
+    result = cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for line in ("recipe: digits_clean, digits_pairflip", "poison: pair_flip, symmetric", "data: digits",
+                 "model: small_cnn", "trainer: default", "callbacks: default", "logger: csv"):
+        assert line in result.stdout
+
+
+def test_another_recipe_runs(tmp_path):
+    result = cli("recipe=digits_clean", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Test results per class (%):" in result.stdout and "poisoned in train" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epoch=1", "Key 'max_epoch' is not in struct"),
+        ("+seeed=1", "Unknown config key(s): 'seeed' (did you mean 'seed'?)"),
+        ("poison.rate=-0.1", "A poison rate must lie in [0, 1), got -0.1"),
+        ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
+    ],
+)
+def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
+    result = cli(override, *FAST, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr

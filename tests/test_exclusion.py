@@ -1,0 +1,124 @@
+"""Exclusion: honoured by the train sampler, reversible, identical across DDP ranks, kept in checkpoints."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from helpers import DumpIdsPerEpoch, RecordingClassifier, StructuredDigits, trainer_kwargs
+from robust_lightning import RobustDataModule
+from robust_lightning.data.sampler import ExclusionSampler
+
+EXCLUDED = [0, 5, 17, 300, 1292]
+
+
+def test_excluded_ids_are_never_trained_on():
+    dm = RobustDataModule(StructuredDigits())
+    dm.setup("fit")
+    dm.exclude(EXCLUDED)
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(max_epochs=2)).fit(model, datamodule=dm)
+    for ids in model.ids_by_epoch().values():
+        assert sorted(ids) == sorted(set(range(dm.num_train)) - set(EXCLUDED))
+
+
+class ExcludeThenInclude(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        dm = RobustDataModule.from_trainer(trainer)
+        if trainer.current_epoch == 0:
+            dm.exclude(torch.arange(0, 600))
+        if trainer.current_epoch == 1:
+            dm.include(torch.arange(0, 300))
+
+
+def test_exclusion_during_fit_takes_effect_next_epoch_and_is_reversible():
+    dm = RobustDataModule(StructuredDigits())
+    model = RecordingClassifier()
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=[ExcludeThenInclude()]))
+    trainer.fit(model, datamodule=dm)
+    epochs = model.ids_by_epoch()
+    everything = set(range(dm.num_train))
+    assert sorted(epochs[0]) == sorted(everything)
+    assert sorted(epochs[1]) == sorted(everything - set(range(600)))
+    assert sorted(epochs[2]) == sorted(everything - set(range(300, 600)))
+    assert dm.excluded_ids.tolist() == list(range(300, 600))
+
+
+def test_exclusion_rejects_unknown_ids_and_emptying_the_train_set():
+    dm = RobustDataModule(StructuredDigits())
+    dm.setup("fit")
+    with pytest.raises(IndexError, match=r"\[1293\] do not exist"):
+        dm.exclude([1293])
+    with pytest.raises(ValueError, match="every training sample"):
+        dm.exclude(range(dm.num_train))
+    assert dm.excluded_ids.tolist() == []
+
+
+def test_the_sampler_shards_one_permutation_across_ranks():
+    excluded = torch.zeros(103, dtype=torch.bool)
+    excluded[[1, 2, 50]] = True
+    dataset = torch.zeros(103)
+    ranks = [ExclusionSampler(dataset, excluded, seed=4, num_replicas=2, rank=r) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    shards = [list(s) for s in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == 50
+    assert set(shards[0]).isdisjoint(shards[1])
+    assert set(shards[0]) | set(shards[1]) == set(range(103)) - {1, 2, 50}
+    single = ExclusionSampler(dataset, excluded, seed=4)
+    single.set_epoch(3)
+    assert [i for pair in zip(*shards) for i in pair] == list(single)
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_resume_restores_the_exclusion_mask(tmp_path):
+    first = RobustDataModule(StructuredDigits())
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    exclude = DumpIdsPerEpoch(str(tmp_path), exclude_after_epoch={0: EXCLUDED})
+    trainer = Trainer(**trainer_kwargs(max_epochs=4, enable_checkpointing=True, callbacks=[checkpoint, exclude, StopAfter(1)]))
+    trainer.fit(RecordingClassifier(), datamodule=first)
+    assert trainer.current_epoch == 2
+
+    resumed = RobustDataModule(StructuredDigits())
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(max_epochs=4, default_root_dir=tmp_path)).fit(model, datamodule=resumed, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.excluded_ids.tolist() == EXCLUDED
+    assert sorted(model.ids_by_epoch()) == [2, 3]
+    for ids in model.ids_by_epoch().values():
+        assert set(ids) == set(range(resumed.num_train)) - set(EXCLUDED)
+
+
+def test_a_checkpoint_from_other_data_is_refused(tmp_path):
+    dm = RobustDataModule(StructuredDigits())
+    dm.setup("fit")
+    dm.exclude([3])
+    other = RobustDataModule(StructuredDigits(train_size=100))
+    other.setup("fit")
+    with pytest.raises(ValueError, match="covers 1293 training samples, but the train split has 100"):
+        other.load_state_dict(dm.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn"])
+def test_ddp_ranks_share_one_mask_and_split_the_included_ids(tmp_path, strategy):
+    dm = RobustDataModule(StructuredDigits(batch_size=32))
+    dump = DumpIdsPerEpoch(str(tmp_path), exclude_after_epoch={0: EXCLUDED})
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, devices=2, strategy=strategy, callbacks=[dump], limit_val_batches=0))
+    trainer.fit(RecordingClassifier(), datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["excluded"] == ranks[1]["excluded"] == EXCLUDED
+    for epoch, expected in (("0", set(range(1293))), ("1", set(range(1293)) - set(EXCLUDED))):
+        a, b = ranks[0]["ids"][epoch], ranks[1]["ids"][epoch]
+        assert len(a) == len(b), "equal steps on each rank"
+        assert set(a) | set(b) == expected
+        assert len(set(a) & set(b)) <= 1, "only the padding may repeat"
