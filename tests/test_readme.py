@@ -8,7 +8,8 @@ import torch
 README = Path(__file__).parent.parent / "README.md"
 
 
-def test_the_python_example_runs():
+def test_the_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Lightning writes checkpoints/ into the working folder
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks
     namespace: dict = {}
