@@ -16,6 +16,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from robust_lightning.callbacks import PerClassMetrics
+from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
 from robust_lightning.report import per_class_table
 
@@ -75,11 +76,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict[str, float], run_dir: Path) -> str:
+    """The per-class test table, the overall accuracy and the run folder.
+
+    Built from the logged test metrics rather than from callback state, because under
+    ``ddp_spawn`` only the logged metrics come back to this process.
+    """
     lines = []
     metrics = next((c for c in callbacks if isinstance(c, PerClassMetrics)), None)
     if metrics is not None:
-        poisoned = datamodule.summary.poisoned if datamodule.summary is not None else None
-        lines += ["", "Test results per class (%):", per_class_table(metrics.last("test"), metrics.class_names, poisoned)]
+        values = {m: [results[f"test/{m}/{name}"] for name in metrics.class_names] for m in METRICS}
+        extra = {}
+        if datamodule.summary is not None:
+            extra["support"] = datamodule.summary.counts["test"]
+            if datamodule.summary.poisoned is not None:
+                extra["poisoned in train"] = datamodule.summary.poisoned
+        lines += ["", "Test results per class (%):", per_class_table(values, metrics.class_names, extra)]
     if "test/acc" in results:
         lines.append(f"Test accuracy: {100 * results['test/acc']:.1f}%")
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts)

@@ -115,10 +115,8 @@ def test_loaders_the_wrapper_cannot_rebuild_are_refused_with_the_fix():
             sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights))
             return torch.utils.data.DataLoader(self.train_set, sampler=sampler, batch_size=8)
 
-    dm = RobustDataModule(Weighted())
-    dm.setup("fit")
     with pytest.raises(TypeError, match="custom sampler .WeightedRandomSampler.*Return a plain torch DataLoader"):
-        dm.train_dataloader()
+        RobustDataModule(Weighted()).setup("fit")
 
 
 def test_workers_and_user_loader_settings_are_kept():

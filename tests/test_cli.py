@@ -71,3 +71,13 @@ def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
     result = cli(override, *FAST, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_the_default_recipe_runs_under_two_process_ddp(tmp_path):
+    ddp = ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"]
+    result = cli(*FAST, *ddp, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("Test results per class (%):\n")[1].splitlines()
+    assert [line.split()[0] for line in table[1:11]] == list("0123456789")
+    assert (run_folder(result.stdout) / "checkpoints" / "last.ckpt").exists()

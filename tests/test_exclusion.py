@@ -81,21 +81,27 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def test_resume_restores_the_exclusion_mask(tmp_path):
-    first = RobustDataModule(StructuredDigits())
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    exclude = DumpIdsPerEpoch(str(tmp_path), exclude_after_epoch={0: EXCLUDED})
-    trainer = Trainer(**trainer_kwargs(max_epochs=4, enable_checkpointing=True, callbacks=[checkpoint, exclude, StopAfter(1)]))
-    trainer.fit(RecordingClassifier(), datamodule=first)
-    assert trainer.current_epoch == 2
-
-    resumed = RobustDataModule(StructuredDigits())
+def fit_recording(tmp_path, ckpt_path=None, stop_after=None):
+    """Fit 4 epochs, excluding EXCLUDED after epoch 0; return the module and the datamodule."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    datamodule = RobustDataModule(StructuredDigits())
     model = RecordingClassifier()
-    Trainer(**trainer_kwargs(max_epochs=4, default_root_dir=tmp_path)).fit(model, datamodule=resumed, ckpt_path=tmp_path / "last.ckpt")
-    assert resumed.excluded_ids.tolist() == EXCLUDED
-    assert sorted(model.ids_by_epoch()) == [2, 3]
-    for ids in model.ids_by_epoch().values():
-        assert set(ids) == set(range(resumed.num_train)) - set(EXCLUDED)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True), DumpIdsPerEpoch(str(tmp_path), {0: EXCLUDED})]
+    callbacks += [StopAfter(stop_after)] if stop_after is not None else []
+    trainer = Trainer(**trainer_kwargs(max_epochs=4, enable_checkpointing=True, callbacks=callbacks, default_root_dir=tmp_path))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return model, datamodule
+
+
+def test_resume_restores_the_exclusion_mask_and_the_exact_sample_order(tmp_path):
+    uninterrupted, _ = fit_recording(tmp_path / "whole")
+    fit_recording(tmp_path / "killed", stop_after=1)
+    resumed, datamodule = fit_recording(tmp_path / "resumed", ckpt_path=tmp_path / "killed" / "last.ckpt")
+    assert datamodule.excluded_ids.tolist() == EXCLUDED
+    assert sorted(resumed.ids_by_epoch()) == [2, 3]
+    for epoch in (2, 3):
+        assert resumed.ids_by_epoch()[epoch] == uninterrupted.ids_by_epoch()[epoch]
+        assert set(resumed.ids_by_epoch()[epoch]) == set(range(datamodule.num_train)) - set(EXCLUDED)
 
 
 def test_a_checkpoint_from_other_data_is_refused(tmp_path):

@@ -119,7 +119,9 @@ class PerClassMetrics(Callback):
         for metric in METRICS:
             scalars[f"{stage}/{metric}/macro"] = values[metric].mean()
             scalars.update({f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[metric])})
-        pl_module.log_dict(scalars)
+        # The values are already synced, hence equal on every rank and exact under the mean; syncing
+        # again keeps Lightning from warning about epoch-level values logged unsynced under DDP.
+        pl_module.log_dict(scalars, sync_dist=True)
         record = {"stage": stage, "epoch": trainer.current_epoch}
         record.update({metric: values[metric].tolist() for metric in METRICS})
         record["confusion"] = values["confusion"].tolist()

@@ -132,7 +132,9 @@ class RobustDataModule(LightningDataModule):
     def _setup_train(self) -> None:
         if self._train is not None:
             return
-        base = self.datamodule.train_dataloader().dataset
+        user_loader = self.datamodule.train_dataloader()
+        loader_shuffles(user_loader)  # refuse a loader the wrapper cannot rebuild before reading any data
+        base = user_loader.dataset
         labels = None
         if self.validate or self.poison is not None:
             train = self._scan("train", base)

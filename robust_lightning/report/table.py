@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-from robust_lightning.callbacks.per_class_metrics import METRICS
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -21,20 +19,21 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def per_class_table(record: dict[str, Any], class_names: Sequence[str], poisoned: Sequence[int] | None = None) -> str:
-    """The per-class table of one :class:`~robust_lightning.callbacks.PerClassMetrics` record, in percent.
+def per_class_table(
+    values: Mapping[str, Sequence[float]], class_names: Sequence[str], extra: Mapping[str, Sequence[Any]] | None = None
+) -> str:
+    """A table with one row per class: each metric of ``values`` in percent, then the ``extra`` columns as given.
 
-    ``poisoned`` adds a column with the number of training samples of each class that a drill changed.
-
-    >>> record = {"accuracy": [1.0, 0.5], "precision": [0.5, 1.0], "recall": [1.0, 0.5], "f1": [0.6667, 0.6667], "support": [2, 2]}
-    >>> print(per_class_table(record, ["cat", "dog"], poisoned=[0, 3]))
-    class  accuracy  precision  recall    f1  support  poisoned in train
-      cat     100.0       50.0   100.0  66.7        2                  0
-      dog      50.0      100.0    50.0  66.7        2                  3
+    >>> values = {"accuracy": [1.0, 0.5], "f1": [0.6667, 0.6667]}
+    >>> print(per_class_table(values, ["cat", "dog"], extra={"poisoned in train": [0, 3]}))
+    class  accuracy    f1  poisoned in train
+      cat     100.0  66.7                  0
+      dog      50.0  66.7                  3
     """
-    header = ["class", *METRICS, "support"] + (["poisoned in train"] if poisoned is not None else [])
-    rows = []
-    for c, name in enumerate(class_names):
-        row = [name, *(f"{100 * record[m][c]:.1f}" for m in METRICS), record["support"][c]]
-        rows.append(row + ([poisoned[c]] if poisoned is not None else []))
+    extra = extra or {}
+    header = ["class", *values, *extra]
+    rows = [
+        [name, *(f"{100 * float(column[c]):.1f}" for column in values.values()), *(column[c] for column in extra.values())]
+        for c, name in enumerate(class_names)
+    ]
     return format_table(header, rows)
