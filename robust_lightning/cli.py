@@ -53,7 +53,12 @@ def check_keys(cfg: DictConfig) -> None:
     """Refuse top-level keys that nothing reads, such as a recipe's typo."""
     unknown = sorted(set(cfg) - KNOWN_KEYS)
     if unknown:
-        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1)) else repr(key) for key in unknown]
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1))
+            else repr(key)
+            for key in unknown
+        ]
         raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(KNOWN_KEYS)}.")
 
 
@@ -67,7 +72,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = RobustDataModule(instantiate(cfg.data), poison=poison, num_classes=cfg.num_classes, **cfg.robust)
     model = instantiate(cfg.model)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
+    )
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     if trainer.is_global_zero:

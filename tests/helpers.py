@@ -36,7 +36,9 @@ class StructuredDigits(LightningDataModule):
 
     num_classes = 10
 
-    def __init__(self, structure: str = "tuple", shuffle: bool = True, batch_size: int = 64, train_size: int | None = None):
+    def __init__(
+        self, structure: str = "tuple", shuffle: bool = True, batch_size: int = 64, train_size: int | None = None
+    ):
         super().__init__()
         self.structure, self.shuffle, self.batch_size, self.train_size = structure, shuffle, batch_size, train_size
 
@@ -126,14 +128,14 @@ class DumpIdsPerEpoch(Callback):
 
 def trainer_kwargs(**overrides):
     """Settings shared by the tests' Trainers: CPU, no files, no progress bars."""
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     kwargs.update(overrides)
     return kwargs

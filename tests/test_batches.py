@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Trainer
 
-from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from robust_lightning import RobustDataModule
 
 STRUCTURES = ["tuple", "list", "dict"]
@@ -122,7 +122,9 @@ def test_loaders_the_wrapper_cannot_rebuild_are_refused_with_the_fix():
 def test_workers_and_user_loader_settings_are_kept():
     class Workers(StructuredDigits):
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(self.train_set, batch_size=50, shuffle=True, num_workers=2, drop_last=True)
+            return torch.utils.data.DataLoader(
+                self.train_set, batch_size=50, shuffle=True, num_workers=2, drop_last=True
+            )
 
     user_dm = Workers("dict")
     model = RecordingClassifier()

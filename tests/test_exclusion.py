@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import DumpIdsPerEpoch, RecordingClassifier, StructuredDigits, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import DumpIdsPerEpoch, RecordingClassifier, StructuredDigits, trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.data.sampler import ExclusionSampler
 
@@ -88,7 +88,9 @@ def fit_recording(tmp_path, ckpt_path=None, stop_after=None):
     model = RecordingClassifier()
     callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True), DumpIdsPerEpoch(str(tmp_path), {0: EXCLUDED})]
     callbacks += [StopAfter(stop_after)] if stop_after is not None else []
-    trainer = Trainer(**trainer_kwargs(max_epochs=4, enable_checkpointing=True, callbacks=callbacks, default_root_dir=tmp_path))
+    trainer = Trainer(
+        **trainer_kwargs(max_epochs=4, enable_checkpointing=True, callbacks=callbacks, default_root_dir=tmp_path)
+    )
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model, datamodule
 
@@ -119,7 +121,9 @@ def test_a_checkpoint_from_other_data_is_refused(tmp_path):
 def test_ddp_ranks_share_one_mask_and_split_the_included_ids(tmp_path, strategy):
     dm = RobustDataModule(StructuredDigits(batch_size=32))
     dump = DumpIdsPerEpoch(str(tmp_path), exclude_after_epoch={0: EXCLUDED})
-    trainer = Trainer(**trainer_kwargs(max_epochs=2, devices=2, strategy=strategy, callbacks=[dump], limit_val_batches=0))
+    trainer = Trainer(
+        **trainer_kwargs(max_epochs=2, devices=2, strategy=strategy, callbacks=[dump], limit_val_batches=0)
+    )
     trainer.fit(RecordingClassifier(), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["excluded"] == ranks[1]["excluded"] == EXCLUDED

@@ -6,12 +6,12 @@ Neither knows robust-lightning; the wrapper and the callback must work with them
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trainer_kwargs
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, random_split
 
-from helpers import trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PerClassMetrics
 from robust_lightning.poison import PairFlip
@@ -41,7 +41,9 @@ class DigitsDataModule(LightningDataModule):
     def setup(self, stage: str):
         if stage == "fit":
             full = DigitsDict(train=True)
-            self.digits_train, self.digits_val = random_split(full, [1260, 140], generator=torch.Generator().manual_seed(42))
+            self.digits_train, self.digits_val = random_split(
+                full, [1260, 140], generator=torch.Generator().manual_seed(42)
+            )
         if stage == "test":
             self.digits_test = DigitsDict(train=False)
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PerClassMetrics
 
@@ -26,7 +26,9 @@ def test_values_match_sklearn_on_the_same_predictions(structure):
     trainer.test(model, datamodule=RobustDataModule(user_dm), verbose=False)
 
     predicted, truth = predictions(model, user_dm.test_dataloader())
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=range(10), zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=range(10), zero_division=0
+    )
     record = metrics.last("test")
     assert record["precision"] == pytest.approx(precision, abs=1e-6)
     assert record["recall"] == pytest.approx(recall, abs=1e-6)
@@ -52,10 +54,14 @@ def test_history_has_one_val_record_per_epoch_and_skips_the_sanity_check():
 def test_history_is_restored_from_a_checkpoint(tmp_path):
     metrics = PerClassMetrics(num_classes=10)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    Trainer(**trainer_kwargs(max_epochs=2, enable_checkpointing=True, callbacks=[metrics, checkpoint])).fit(RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits()))
+    Trainer(**trainer_kwargs(max_epochs=2, enable_checkpointing=True, callbacks=[metrics, checkpoint])).fit(
+        RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits())
+    )
     restored = PerClassMetrics(num_classes=10)
     trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=[restored], default_root_dir=tmp_path))
-    trainer.fit(RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits()), ckpt_path=tmp_path / "last.ckpt")
+    trainer.fit(
+        RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits()), ckpt_path=tmp_path / "last.ckpt"
+    )
     assert restored.history[:2] == metrics.history
     assert [r["epoch"] for r in restored.history] == [0, 1, 2]
 

@@ -10,7 +10,7 @@ README = Path(__file__).parent.parent / "README.md"
 
 def test_the_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Lightning writes checkpoints/ into the working folder
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert blocks
     namespace: dict = {}
     for block in blocks:
@@ -21,7 +21,7 @@ def test_the_python_example_runs(tmp_path, monkeypatch):
 
 
 def test_ci_runs_the_readme_commands():
-    bash = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    bash = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
     ci = (README.parent / ".ci" / "run").read_text()
     for command in (bash[0].strip(), bash[1].strip()):
         assert command in ci

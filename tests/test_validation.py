@@ -2,10 +2,10 @@ import logging
 
 import pytest
 import torch
+from helpers import RecordingClassifier, StructuredDigits, trainer_kwargs
 from lightning.pytorch import LightningDataModule, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from helpers import RecordingClassifier, SampleDataset, StructuredDigits, trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.data import DataValidationError, DigitsDataModule
 from robust_lightning.poison import PairFlip

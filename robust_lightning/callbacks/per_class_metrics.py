@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,

@@ -55,12 +55,16 @@ class DigitsDataModule(LightningDataModule):
         x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
         y = torch.tensor(digits.target, dtype=torch.long)
         seed = self.hparams.seed
-        rest, test = train_test_split(torch.arange(len(y)), test_size=self.hparams.test_fraction, random_state=seed, stratify=y)
+        rest, test = train_test_split(
+            torch.arange(len(y)), test_size=self.hparams.test_fraction, random_state=seed, stratify=y
+        )
         train, val = train_test_split(rest, test_size=self.hparams.val_fraction, random_state=seed, stratify=y[rest])
         self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in (train, val, test))
 
     def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
+        return DataLoader(
+            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -8,9 +8,9 @@ position 0 and 1 in a sequence, or the first conventional name found in a dict.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
-Key = Union[int, str]
+Key = int | str
 
 INPUT_NAMES = ("x", "input", "inputs", "image", "images", "img", "features", "data")
 TARGET_NAMES = ("y", "label", "labels", "target", "targets", "class", "cls")

@@ -28,7 +28,13 @@ warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_
 # Hooks whose mere presence on a datamodule changes what Lightning does (a val loop runs only if
 # val_dataloader is overridden, the datamodule's transfer hooks shadow the module's), so the
 # wrapper exposes exactly those the wrapped datamodule overrides.
-_MIRRORED_HOOKS = ("val_dataloader", "test_dataloader", "predict_dataloader", "transfer_batch_to_device", "on_after_batch_transfer")
+_MIRRORED_HOOKS = (
+    "val_dataloader",
+    "test_dataloader",
+    "predict_dataloader",
+    "transfer_batch_to_device",
+    "on_after_batch_transfer",
+)
 
 
 class RobustDataModule(LightningDataModule):
@@ -225,7 +231,9 @@ class RobustDataModule(LightningDataModule):
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         outside = ids[(ids < 0) | (ids >= len(self._excluded))]
         if len(outside):
-            raise IndexError(f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {len(self._excluded) - 1}.")
+            raise IndexError(
+                f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {len(self._excluded) - 1}."
+            )
         mask = self._excluded.clone()
         mask[ids] = value
         trainer = self.trainer

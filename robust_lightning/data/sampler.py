@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -44,12 +45,11 @@ class ExclusionSampler(DistributedSampler):
         return included
 
     def __len__(self) -> int:
-        included = int((~self.excluded).sum())
-        return -(-included // self.num_replicas)
+        return math.ceil(int((~self.excluded).sum()) / self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         ids = self._included()
-        per_rank = -(-len(ids) // self.num_replicas)
+        per_rank = math.ceil(len(ids) / self.num_replicas)
         padding = per_rank * self.num_replicas - len(ids)
         # Pad by repeating ids, as DistributedSampler does, so all ranks run the same number of steps.
         ids = torch.cat([ids, ids[:padding]])

@@ -120,10 +120,12 @@ class _SplitChecker:
         common = max(groups, key=lambda g: len(groups[g]))
         odd = sorted(i for g, ids in groups.items() if g != common for i in ids)
         found = sorted({g for g in groups if g != common}, key=str)
-        return [
+        message = (
             f"{self.name}: {_ids_text(odd)} differ in {what} from the other samples ({common} expected, "
-            f"found {', '.join(map(str, found[:3]))}). Fix: make every sample of the split the same shape and dtype."
-        ]
+            f"found {', '.join(map(str, found[:3]))}). Fix: make every sample of the split the same shape and "
+            "dtype, or pass validate=False if your collate_fn pads varying shapes."
+        )
+        return [message]
 
 
 def scan_split(
@@ -191,13 +193,17 @@ class DataSummary:
         lines.append(f"imbalance ratio (largest/smallest train class): {self.imbalance_ratio:.2f}")
         if "test" in self.counts:
             pairs = ", ".join(f"train {a} = test {b}" for a, b in self.duplicates[:_SHOWN_IDS])
-            lines.append(f"exact duplicates between train and test: {len(self.duplicates)}" + (f" ({pairs})" if pairs else ""))
+            lines.append(
+                f"exact duplicates between train and test: {len(self.duplicates)}" + (f" ({pairs})" if pairs else "")
+            )
         return "\n".join(lines)
 
 
 def summarize(scans: Mapping[str, SplitScan], num_classes: int, poison_mask: Tensor | None = None) -> DataSummary:
     """Build the :class:`DataSummary` of scanned splits; duplicates compare input digests of train and test."""
-    counts = {name: torch.bincount(scan.labels.clamp(min=0), minlength=num_classes).tolist() for name, scan in scans.items()}
+    counts = {
+        name: torch.bincount(scan.labels.clamp(min=0), minlength=num_classes).tolist() for name, scan in scans.items()
+    }
     duplicates: list[tuple[int, int]] = []
     if "train" in scans and "test" in scans:
         test_ids: dict[str, list[int]] = defaultdict(list)

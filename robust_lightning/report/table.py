@@ -33,7 +33,11 @@ def per_class_table(
     extra = extra or {}
     header = ["class", *values, *extra]
     rows = [
-        [name, *(f"{100 * float(column[c]):.1f}" for column in values.values()), *(column[c] for column in extra.values())]
+        [
+            name,
+            *(f"{100 * float(column[c]):.1f}" for column in values.values()),
+            *(column[c] for column in extra.values()),
+        ]
         for c, name in enumerate(class_names)
     ]
     return format_table(header, rows)
