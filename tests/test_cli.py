@@ -42,6 +42,8 @@ def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(
     metrics_csv = (folder / "metrics.csv").read_text().splitlines()
     assert "val/recall/4" in metrics_csv[0] and "test/f1/macro" in metrics_csv[0]
     assert (folder / "checkpoints" / "last.ckpt").stat().st_size > 0
+    hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+    assert hparams["batch_size"] == 64 and hparams["lr"] == 0.001, "the wrapped datamodule's hparams are logged"
 
 
 def test_help_lists_recipes_and_config_groups(tmp_path):

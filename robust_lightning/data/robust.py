@@ -93,6 +93,8 @@ class RobustDataModule(LightningDataModule):
                 "Pass num_classes=... or give your datamodule a num_classes attribute."
             )
         self.datamodule = datamodule
+        # Loggers record the wrapped datamodule's hyperparameters, as they would without the wrapper.
+        self.save_hyperparameters(datamodule.hparams_initial)
         self.poison = poison
         self.validate = validate
         self.num_classes = num_classes
