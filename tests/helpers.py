@@ -14,6 +14,19 @@ from robust_lightning import RobustDataModule
 from robust_lightning.data import DigitsDataModule
 
 
+class ListDataset(Dataset):
+    """Samples given as a list, whatever their form."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
 class SampleDataset(Dataset):
     """Digits as tuple, list or dict samples."""
 
@@ -36,11 +49,10 @@ class StructuredDigits(LightningDataModule):
 
     num_classes = 10
 
-    def __init__(
-        self, structure: str = "tuple", shuffle: bool = True, batch_size: int = 64, train_size: int | None = None
-    ):
+    def __init__(self, structure="tuple", shuffle=True, batch_size=64, train_size=None, val_size=None):
         super().__init__()
-        self.structure, self.shuffle, self.batch_size, self.train_size = structure, shuffle, batch_size, train_size
+        self.structure, self.shuffle, self.batch_size = structure, shuffle, batch_size
+        self.sizes = {"train": train_size, "val": val_size}
 
     def setup(self, stage: str) -> None:
         digits = DigitsDataModule()
@@ -48,8 +60,8 @@ class StructuredDigits(LightningDataModule):
         splits = {}
         for name in ("train", "val", "test"):
             tensors = getattr(digits, f"{name}_set").tensors
-            if name == "train" and self.train_size:
-                tensors = [t[: self.train_size] for t in tensors]
+            if self.sizes.get(name):
+                tensors = [t[: self.sizes[name]] for t in tensors]
             splits[name] = SampleDataset(*tensors, structure=self.structure)
         self.train_set, self.val_set, self.test_set = splits["train"], splits["val"], splits["test"]
 
@@ -64,17 +76,16 @@ class StructuredDigits(LightningDataModule):
 
 
 def split_batch(batch):
-    if isinstance(batch, dict):
-        return batch["image"], batch["label"]
-    return batch[0], batch[1]
+    x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
+    return x, y.reshape(-1)
 
 
 class RecordingClassifier(LightningModule):
     """A small classifier that records every training batch it receives, with the ids beside it."""
 
-    def __init__(self, lr: float = 1e-2):
+    def __init__(self, lr: float = 1e-2, num_classes: int = 10):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
         self.criterion = nn.CrossEntropyLoss()
         self.lr = lr
         self.seen: list[tuple[int, object, torch.Tensor]] = []
@@ -104,6 +115,19 @@ class RecordingClassifier(LightningModule):
         for epoch, _, ids in self.seen:
             epochs.setdefault(epoch, []).extend(ids.tolist())
         return epochs
+
+
+class DumpHistory(Callback):
+    """Writes each rank's PerClassMetrics history at the end of fit, for DDP tests."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        from robust_lightning.callbacks import PerClassMetrics
+
+        metrics = next(c for c in trainer.callbacks if isinstance(c, PerClassMetrics))
+        Path(self.folder, f"history{trainer.global_rank}.json").write_text(json.dumps(metrics.history))
 
 
 class DumpIdsPerEpoch(Callback):

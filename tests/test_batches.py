@@ -1,11 +1,13 @@
 """The user's batch reaches training_step unchanged, and the ids of its samples are known."""
 
+import numpy as np
 import pytest
 import torch
-from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
+from helpers import ListDataset, RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Trainer
 
 from robust_lightning import RobustDataModule
+from robust_lightning.poison import PairFlip
 
 STRUCTURES = ["tuple", "list", "dict"]
 
@@ -132,3 +134,43 @@ def test_workers_and_user_loader_settings_are_kept():
     assert len(model.seen) == len(user_dm.train_set) // 50
     for _, batch, ids in model.seen:
         assert len(ids) == 50 and torch.equal(batch["image"], user_dm.train_set.x[ids])
+
+
+class LabelTypeDigits(StructuredDigits):
+    """Labels as a user's dataset may hold them: python ints, numpy scalars or arrays, tensors of shape (1,)."""
+
+    def __init__(self, label_type):
+        super().__init__(shuffle=False)
+        self.label_type = label_type
+
+    def setup(self, stage):
+        super().setup(stage)
+        convert = {
+            "int": int,
+            "numpy scalar": np.int64,
+            "numpy 0-d array": np.array,
+            "tensor (1,)": lambda y: torch.tensor([y]),
+        }[self.label_type]
+        base = self.train_set
+        self.train_set = ListDataset([(base.x[i], convert(int(base.y[i]))) for i in range(len(base))])
+
+
+@pytest.mark.parametrize("label_type", ["int", "numpy scalar", "numpy 0-d array", "tensor (1,)"])
+def test_poisoned_labels_keep_the_users_label_type(label_type):
+    user_dm = LabelTypeDigits(label_type)
+    dm = RobustDataModule(user_dm, poison=PairFlip({4: 8, 8: 4}, rate=0.5))
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(limit_val_batches=0)).fit(model, datamodule=dm)
+    reference = list(user_dm.train_dataloader())
+    labels = torch.cat([batch[1].flatten() for _, batch, _ in model.seen])
+    clean = torch.cat([batch[1].flatten() for batch in reference])
+    assert [batch[1].shape[1:] for _, batch, _ in model.seen] == [batch[1].shape[1:] for batch in reference]
+    assert torch.equal(labels != clean, dm.poison_mask)
+    assert (labels[dm.poison_mask] == 12 - clean[dm.poison_mask]).all()
+
+
+def test_when_both_datamodule_and_module_override_the_hook_the_user_is_told_which_runs():
+    model = HookedClassifier()
+    with pytest.warns(UserWarning, match="only the datamodule's runs"):
+        Trainer(**trainer_kwargs(limit_val_batches=0)).fit(model, datamodule=RobustDataModule(HookedDigits()))
+    assert model.calls["before"] == 0

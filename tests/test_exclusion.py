@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import DumpIdsPerEpoch, RecordingClassifier, StructuredDigits, trainer_kwargs
+from helpers import DumpIdsPerEpoch, RecordingClassifier, SampleDataset, StructuredDigits, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
 from robust_lightning.data.sampler import ExclusionSampler
@@ -46,6 +47,49 @@ def test_exclusion_during_fit_takes_effect_next_epoch_and_is_reversible():
     assert dm.excluded_ids.tolist() == list(range(300, 600))
 
 
+class ExcludeOnEpochStart(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            RobustDataModule.from_trainer(trainer).exclude(range(100))
+
+
+def test_an_exclusion_at_epoch_start_waits_for_the_next_epoch():
+    dm = RobustDataModule(StructuredDigits())
+    model = RecordingClassifier()
+    Trainer(**trainer_kwargs(max_epochs=3, callbacks=[ExcludeOnEpochStart()])).fit(model, datamodule=dm)
+    epochs = model.ids_by_epoch()
+    assert len(epochs[1]) == dm.num_train, "the epoch already under way is not cut short"
+    assert sorted(epochs[2]) == list(range(100, dm.num_train))
+
+
+def test_exclusion_works_with_the_users_reload_setting_and_leaves_it_as_it_was():
+    dm = RobustDataModule(StructuredDigits())
+    model = RecordingClassifier()
+    trainer = Trainer(
+        **trainer_kwargs(max_epochs=4, reload_dataloaders_every_n_epochs=2, callbacks=[ExcludeThenInclude()])
+    )
+    trainer.fit(model, datamodule=dm)
+    epochs = model.ids_by_epoch()
+    everything = set(range(dm.num_train))
+    assert set(epochs[1]) == everything - set(range(600))
+    assert set(epochs[2]) == set(epochs[3]) == everything - set(range(300, 600))
+    assert all(len(ids) == len(set(ids)) for ids in epochs.values())
+    assert trainer.reload_dataloaders_every_n_epochs == 2
+
+
+def test_a_train_set_that_changes_size_is_refused():
+    class Growing(StructuredDigits):
+        def train_dataloader(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            grown = SampleDataset(self.train_set.x[: 100 * self.calls], self.train_set.y[: 100 * self.calls])
+            return DataLoader(grown, batch_size=10, shuffle=True)
+
+    dm = RobustDataModule(Growing())
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="keep it the same size"):
+        dm.train_dataloader()
+
+
 def test_exclusion_rejects_unknown_ids_and_emptying_the_train_set():
     dm = RobustDataModule(StructuredDigits())
     dm.setup("fit")
@@ -70,6 +114,13 @@ def test_the_sampler_shards_one_permutation_across_ranks():
     single = ExclusionSampler(dataset, excluded, seed=4)
     single.set_epoch(3)
     assert [i for pair in zip(*shards) for i in pair] == list(single)
+
+
+def test_the_sampler_pads_every_rank_even_when_fewer_ids_remain_than_ranks():
+    excluded = torch.ones(10, dtype=torch.bool)
+    excluded[7] = False
+    shards = [list(ExclusionSampler(torch.zeros(10), excluded, num_replicas=4, rank=r)) for r in range(4)]
+    assert shards == [[7], [7], [7], [7]]
 
 
 class StopAfter(Callback):
@@ -116,13 +167,21 @@ def test_a_checkpoint_from_other_data_is_refused(tmp_path):
         other.load_state_dict(dm.state_dict())
 
 
+class ExcludePerRank(Callback):
+    """Each rank flags ids of its own, as a detector on its shard would."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            RobustDataModule.from_trainer(trainer).exclude(EXCLUDED[trainer.global_rank :: 2])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_spawn"])
-def test_ddp_ranks_share_one_mask_and_split_the_included_ids(tmp_path, strategy):
+def test_ddp_ranks_combine_their_exclusions_into_one_mask_and_split_the_included_ids(tmp_path, strategy):
     dm = RobustDataModule(StructuredDigits(batch_size=32))
-    dump = DumpIdsPerEpoch(str(tmp_path), exclude_after_epoch={0: EXCLUDED})
+    callbacks = [ExcludePerRank(), DumpIdsPerEpoch(str(tmp_path))]
     trainer = Trainer(
-        **trainer_kwargs(max_epochs=2, devices=2, strategy=strategy, callbacks=[dump], limit_val_batches=0)
+        **trainer_kwargs(max_epochs=2, devices=2, strategy=strategy, callbacks=callbacks, limit_val_batches=0)
     )
     trainer.fit(RecordingClassifier(), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -1,9 +1,11 @@
+import json
+
 import pytest
 import torch
-from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
+from helpers import DumpHistory, RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PerClassMetrics
@@ -38,7 +40,7 @@ def test_values_match_sklearn_on_the_same_predictions(structure):
     assert record["confusion"] == confusion_matrix(truth, predicted, labels=range(10)).tolist()
     logged = trainer.callback_metrics
     assert float(logged["test/recall/3"]) == pytest.approx(recall[3], abs=1e-6)
-    assert float(logged["test/f1/macro"]) == pytest.approx(f1.mean(), abs=1e-6)
+    assert float(logged["test/f1/macro"]) == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-6)
 
 
 def test_history_has_one_val_record_per_epoch_and_skips_the_sanity_check():
@@ -74,17 +76,46 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.slow
-def test_under_ddp_the_logged_values_cover_both_ranks(tmp_path):
-    # 144 validation samples split evenly over 2 ranks: no padding, so the synced values
-    # must equal those of one process evaluating the same weights on the whole set.
+def test_under_ddp_the_values_equal_one_process_on_the_whole_set(tmp_path):
+    # 143 validation samples over 2 ranks: DDP pads one repeat, which must not be counted, and the
+    # spawned ranks must not share metric state. The values must equal sklearn's on the whole set.
     metrics = PerClassMetrics(num_classes=10)
     model = RecordingClassifier(lr=0.05)
-    trainer = Trainer(**trainer_kwargs(max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[metrics]))
-    trainer.fit(model, datamodule=RobustDataModule(StructuredDigits(batch_size=36)))
-    user_dm = StructuredDigits()
+    callbacks = [metrics, DumpHistory(str(tmp_path))]
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=callbacks))
+    trainer.fit(model, datamodule=RobustDataModule(StructuredDigits(batch_size=36, val_size=143)))
+    user_dm = StructuredDigits(val_size=143)
     user_dm.setup("fit")
     predicted, truth = predictions(model, user_dm.val_dataloader())
-    _, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=range(10), zero_division=0)
+    precision, recall, _, _ = precision_recall_fscore_support(truth, predicted, labels=range(10), zero_division=0)
     logged = trainer.callback_metrics
     assert [float(logged[f"val/recall/{c}"]) for c in range(10)] == pytest.approx(recall, abs=1e-6)
-    assert float(logged["val/f1/macro"]) == pytest.approx(f1.mean(), abs=1e-6)
+    assert [float(logged[f"val/precision/{c}"]) for c in range(10)] == pytest.approx(precision, abs=1e-6)
+    assert float(logged["val/f1/macro"]) == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-6)
+    for rank in range(2):
+        last = json.loads((tmp_path / f"history{rank}.json").read_text())[-1]
+        assert sum(last["support"]) == 143
+        assert last["confusion"] == confusion_matrix(truth, predicted, labels=range(10)).tolist()
+
+
+def test_the_macro_average_skips_classes_absent_from_labels_and_predictions():
+    # Three classes, only 0 and 1 in the test set: a class that never occurs must not count as 0.
+    class TwoClassDigits(StructuredDigits):
+        def setup(self, stage):
+            super().setup(stage)
+            for split in (self.train_set, self.val_set, self.test_set):
+                keep = split.y < 2
+                split.x, split.y = split.x[keep], split.y[keep]
+
+    metrics = PerClassMetrics(num_classes=3)
+    model = RecordingClassifier(lr=0.1, num_classes=3)
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=[metrics]))
+    trainer.fit(model, datamodule=RobustDataModule(TwoClassDigits(), num_classes=3))
+    trainer.test(model, datamodule=RobustDataModule(TwoClassDigits(), num_classes=3), verbose=False)
+    dm = TwoClassDigits()
+    dm.setup("test")
+    predicted, truth = predictions(model, dm.test_dataloader())
+    assert set(predicted) <= {0, 1}
+    assert float(trainer.callback_metrics["test/recall/macro"]) == pytest.approx(
+        recall_score(truth, predicted, average="macro"), abs=1e-6
+    )

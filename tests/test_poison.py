@@ -1,3 +1,5 @@
+from decimal import ROUND_HALF_UP, Decimal
+
 import pytest
 import torch
 
@@ -5,6 +7,10 @@ from robust_lightning.data import DigitsDataModule
 from robust_lightning.poison import PairFlip, SymmetricNoise
 
 PAIRS = {4: 8, 8: 4, 6: 9, 9: 6}
+
+
+def round_half_up(rate: float, n: int) -> int:
+    return int((Decimal(str(rate)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +25,7 @@ def test_pair_flip_flips_exactly_round_rate_times_each_source_class(digit_labels
     for source, target in PAIRS.items():
         members = digit_labels == source
         flipped = result.mask & members
-        assert int(flipped.sum()) == int(0.4 * int(members.sum()) + 0.5)
+        assert int(flipped.sum()) == round_half_up(0.4, int(members.sum()))
         assert (result.labels[flipped] == target).all()
     untouched = ~torch.isin(digit_labels, torch.tensor(list(PAIRS)))
     assert not result.mask[untouched].any()
@@ -29,7 +35,7 @@ def test_pair_flip_flips_exactly_round_rate_times_each_source_class(digit_labels
 def test_symmetric_noise_moves_exactly_round_rate_times_n_each_to_another_class(digit_labels):
     for rate in (0.2, 0.4, 0.6):
         result = SymmetricNoise(rate, seed=1)(digit_labels, num_classes=10)
-        assert int(result.mask.sum()) == int(rate * len(digit_labels) + 0.5)
+        assert int(result.mask.sum()) == round_half_up(rate, len(digit_labels))
         assert (result.labels[result.mask] != digit_labels[result.mask]).all()
         assert ((result.labels >= 0) & (result.labels < 10)).all()
 
@@ -69,3 +75,9 @@ def test_bad_pairs_are_refused(digit_labels):
 
 def test_rate_zero_changes_nothing(digit_labels):
     assert not SymmetricNoise(0.0)(digit_labels, 10).mask.any()
+
+
+@pytest.mark.parametrize(("rate", "n", "expected"), [(0.29, 50, 15), (0.5, 3, 2), (0.25, 2, 1), (0.4, 145, 58)])
+def test_counts_round_halves_up_exactly(rate, n, expected):
+    labels = torch.arange(n) % 2
+    assert int(SymmetricNoise(rate)(labels, num_classes=2).mask.sum()) == expected == round_half_up(rate, n)

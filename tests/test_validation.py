@@ -1,13 +1,15 @@
 import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import RecordingClassifier, StructuredDigits, trainer_kwargs
+from helpers import ListDataset, RecordingClassifier, StructuredDigits, trainer_kwargs
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
-from robust_lightning.data import DataValidationError, DigitsDataModule
+from robust_lightning.data import DataSummary, DataValidationError, DigitsDataModule
 from robust_lightning.poison import PairFlip
 
 
@@ -22,17 +24,6 @@ class TamperedDigits(StructuredDigits):
         super().setup(stage)
         for name in ("train", "val", "test"):
             self.tamper(name, getattr(self, f"{name}_set"))
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def setup_error(tamper, **kwargs) -> str:
@@ -115,9 +106,9 @@ def test_an_empty_split_is_refused_with_the_fix(split):
         if name == split:
             ds.x, ds.y = ds.x[:0], ds.y[:0]
 
-    # shuffle=False: torch's RandomSampler itself refuses an empty dataset, before we can look.
-    message = setup_error(tamper, shuffle=False)
-    assert f"The {split} split is empty" in message and "Fix:" in message
+    for shuffle in (True, False):
+        message = setup_error(tamper, shuffle=shuffle)
+        assert f"The {split} split is empty" in message and "Fix:" in message
 
 
 def test_missing_num_classes_says_what_to_pass():
@@ -196,3 +187,63 @@ def test_a_validation_error_stops_trainer_fit_before_any_step():
     with pytest.raises(DataValidationError, match="ids 3"):
         Trainer(**trainer_kwargs()).fit(model, datamodule=RobustDataModule(TamperedDigits(tamper)))
     assert model.seen == []
+
+
+def test_leaves_without_a_numeric_form_are_accepted_and_odd_dtypes_checked():
+    paths = [Path(f"img{i}.png") for i in range(6)]
+    x = torch.rand(6, 4).to(torch.bfloat16)
+    x[2, 1] = float("nan")
+    samples = [
+        {"x": x[i], "label": i % 2, "path": paths[i], "note": None, "tags": np.array(["a", "b"])} for i in range(6)
+    ]
+
+    class Odd(LightningDataModule):
+        num_classes = 2
+
+        def train_dataloader(self):
+            return DataLoader(ListDataset(samples), batch_size=2, collate_fn=list)
+
+    with pytest.raises(DataValidationError) as info:
+        RobustDataModule(Odd()).setup("fit")
+    assert str(info.value).count("\n- ") == 1
+    assert "1 sample(s) (ids 2) have NaN or inf values in sample['x']" in str(info.value)
+
+
+def test_a_sample_without_its_label_is_named_by_id():
+    samples = [{"x": torch.rand(2), "label": 1}] * 4 + [{"x": torch.rand(2)}]
+
+    class Odd(LightningDataModule):
+        num_classes = 2
+
+        def train_dataloader(self):
+            return DataLoader(ListDataset(samples))
+
+    with pytest.raises(DataValidationError) as info:
+        RobustDataModule(Odd()).setup("fit")
+    assert "1 sample(s) (ids 4) have a label that is not an integer" in str(info.value)
+    assert "(ids 4) differ in structure" in str(info.value)
+
+
+def test_problems_of_the_test_split_warn_at_fit_and_stop_trainer_test():
+    def tamper(name, ds):
+        if name == "test":
+            ds.y[:] = -1  # an unlabelled test set
+
+    dm = RobustDataModule(TamperedDigits(tamper))
+    model = RecordingClassifier()
+    trainer = Trainer(**trainer_kwargs())
+    with pytest.warns(UserWarning, match="test: 360 sample"):
+        trainer.fit(model, datamodule=dm)
+    assert model.seen and dm.summary.counts["test"] == [0] * 10
+    with pytest.raises(DataValidationError, match="test: 360 sample"):
+        trainer.test(model, datamodule=dm)
+
+
+def test_num_classes_may_be_a_numpy_integer():
+    assert RobustDataModule(StructuredDigits(), num_classes=np.int64(10)).num_classes == 10
+
+
+def test_an_empty_class_makes_the_imbalance_infinite_and_is_named():
+    summary = DataSummary(3, {"train": [500, 5, 0]}, duplicates=[])
+    assert summary.imbalance_ratio == float("inf")
+    assert "classes with no training sample: [2]" in str(summary)

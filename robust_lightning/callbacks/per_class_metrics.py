@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torch.utils.data import DistributedSampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -19,6 +23,27 @@ from robust_lightning.data.fields import Key, get_field, resolve_key
 
 METRICS = ("accuracy", "precision", "recall", "f1")
 _STAGES = ("val", "test")
+
+# The values are synced by torchmetrics before they are logged, so logging them unsynced is right
+# (and, unlike a second sync, works with NCCL whatever device they are on).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(accuracy|precision|recall|f1)/")
+
+
+def _present(confusion: Tensor) -> Tensor:
+    """Classes that occur as a label or a prediction: the ones a macro average counts, as in torchmetrics."""
+    return (confusion.sum(0) + confusion.sum(1)) > 0
+
+
+def _not_padding(sampler: Any, start: int, count: int) -> Tensor | None:
+    """Which of a rank's samples ``start .. start+count-1`` are real rather than DDP padding.
+
+    An unshuffled DistributedSampler deals position ``rank + k * num_replicas`` of the index list to
+    the rank's k-th sample, and pads the list's end with repeats: those positions are past the dataset.
+    """
+    if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last:
+        return None
+    positions = sampler.rank + sampler.num_replicas * torch.arange(start, start + count)
+    return positions < len(sampler.dataset)
 
 
 def _collection(num_classes: int) -> MetricCollection:
@@ -39,9 +64,11 @@ class PerClassMetrics(Callback):
 
     After each validation epoch and each test run it logs ``{stage}/{metric}/{class}`` for the
     metrics accuracy, precision, recall and F1 (per-class accuracy is the class's recall, as in
-    torchmetrics), and the macro mean as ``{stage}/{metric}/macro``. The values are synced across
-    DDP ranks. Each epoch's values and confusion matrix are appended to :attr:`history`, which is
-    saved in checkpoints.
+    torchmetrics), and the macro mean as ``{stage}/{metric}/macro``, over the classes that occur as a
+    label or a prediction (as torchmetrics averages). The values are synced across DDP ranks, and the
+    repeats that DDP pads an evaluation set with are left out, so they equal those of one process.
+    Several evaluation dataloaders are pooled. Each epoch's values and confusion matrix are appended
+    to :attr:`history`, which is saved in checkpoints.
 
     The callback runs the module's ``forward`` on each evaluation batch's inputs, so the module
     needs no change as long as ``forward(x)`` returns logits.
@@ -82,18 +109,19 @@ class PerClassMetrics(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.history: list[dict[str, Any]] = []
-        self._metrics = {stage: _collection(num_classes) for stage in _STAGES}
+        self._metrics: dict[str, MetricCollection] = {}
+        self._seen: dict[tuple[str, int], int] = {}
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(num_classes=self.num_classes, class_names=self.class_names)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Metrics held by a callback are not submodules, so they do not follow the module's device.
-        for collection in self._metrics.values():
-            collection.to(pl_module.device)
+        # Built here, in each process: built in __init__, ddp_spawn would share one CPU state between ranks.
+        # Metrics held by a callback are not submodules, so they must be put on the module's device.
+        self._metrics = {s: _collection(self.num_classes).to(pl_module.device) for s in _STAGES}
 
-    def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+    def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, loader_idx: int) -> None:
         if trainer.sanity_checking:
             return
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
@@ -105,21 +133,33 @@ class PerClassMetrics(Callback):
                 f"PerClassMetrics calls {type(pl_module).__name__}(x) to get logits. "
                 "Add a forward(self, x) that returns the class logits."
             ) from error
-        self._metrics[stage].update(logits.detach(), y)
+        logits = logits.detach()
+        keep = self._real_samples(trainer, stage, loader_idx, len(y))
+        if keep is not None:
+            logits, y = logits[keep.to(y.device)], y[keep.to(y.device)]
+        self._metrics[stage].update(logits, y)
+
+    def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:
+        """Mask out the repeats that DDP pads evaluation sets with, so the counts match one process."""
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[loader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        start = self._seen.get((stage, loader_idx), 0)
+        self._seen[(stage, loader_idx)] = start + count
+        return _not_padding(getattr(loader, "sampler", None), start, count)
 
     def _log(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         collection = self._metrics[stage]
-        values = {name: value.cpu() for name, value in collection.compute().items()}  # a collective under DDP
+        values = collection.compute()  # a collective under DDP
         collection.reset()
+        self._seen = {key: n for key, n in self._seen.items() if key[0] != stage}
+        present = _present(values["confusion"])
         scalars = {}
         for metric in METRICS:
-            scalars[f"{stage}/{metric}/macro"] = values[metric].mean()
+            scalars[f"{stage}/{metric}/macro"] = values[metric][present].mean()
             scalars.update({f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[metric])})
-        # The values are already synced, hence equal on every rank and exact under the mean; syncing
-        # again keeps Lightning from warning about epoch-level values logged unsynced under DDP.
-        pl_module.log_dict(scalars, sync_dist=True)
+        pl_module.log_dict(scalars)
         record = {"stage": stage, "epoch": trainer.current_epoch}
         record.update({metric: values[metric].tolist() for metric in METRICS})
         record["confusion"] = values["confusion"].tolist()
@@ -127,10 +167,10 @@ class PerClassMetrics(Callback):
         self.history.append(record)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("val", trainer, pl_module, batch)
+        self._update("val", trainer, pl_module, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("test", trainer, pl_module, batch)
+        self._update("test", trainer, pl_module, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log("val", trainer, pl_module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import (
@@ -17,7 +18,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from robust_lightning.data.fields import Key, replace_field
+from robust_lightning.data.fields import Key, get_field, replace_field
 
 
 class IdBatch(NamedTuple):
@@ -39,11 +40,24 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         sample = self.base[index]
         if self.poisoned is not None and self.poisoned[index]:
-            original = sample[self.target_key]
-            label = int(self.labels[index])
-            new = torch.tensor(label, dtype=original.dtype) if isinstance(original, Tensor) else type(original)(label)
-            sample = replace_field(sample, self.target_key, new)
+            label = relabel(get_field(sample, self.target_key), int(self.labels[index]))
+            sample = replace_field(sample, self.target_key, label)
         return sample, index
+
+
+def relabel(original: Any, label: int) -> Any:
+    """``label`` in the type, dtype and shape of ``original``, so that collate sees no difference.
+
+    >>> relabel(torch.tensor([3]), 5), relabel(np.int64(3), 5), relabel(3, 5)
+    (tensor([5]), np.int64(5), 5)
+    """
+    if isinstance(original, Tensor):
+        return torch.full_like(original, label)
+    if isinstance(original, np.ndarray):
+        return np.full_like(original, label)
+    if isinstance(original, np.generic):
+        return original.dtype.type(label)
+    return type(original)(label)
 
 
 class IdCollate:

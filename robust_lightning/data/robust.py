@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from robust_lightning.data.fields import Key, resolve_key
 from robust_lightning.data.loader import IdBatch, IndexedDataset, loader_shuffles, rebuild_loader
 from robust_lightning.data.sampler import ExclusionSampler
-from robust_lightning.data.validation import DataSummary, SplitScan, scan_split, summarize
+from robust_lightning.data.validation import DataSummary, DataValidationError, SplitScan, scan_split, summarize
 from robust_lightning.poison.base import LabelPoison
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,19 @@ class RobustDataModule(LightningDataModule):
         if poison is not None and not isinstance(poison, LabelPoison):
             raise TypeError(f"poison must be a drill from robust_lightning.poison, got {type(poison).__name__}.")
         num_classes = num_classes if num_classes is not None else getattr(datamodule, "num_classes", None)
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        try:
+            num_classes = operator.index(num_classes)
+        except TypeError:
+            num_classes = None
+        if num_classes is None or num_classes < 1:
             raise ValueError(
-                f"RobustDataModule needs the number of classes, got {num_classes!r}. "
+                "RobustDataModule needs the number of classes as a positive integer. "
                 "Pass num_classes=... or give your datamodule a num_classes attribute."
             )
         self.datamodule = datamodule
         # Loggers record the wrapped datamodule's hyperparameters, as they would without the wrapper.
         self.save_hyperparameters(datamodule.hparams_initial)
+        self.prepare_data_per_node = datamodule.prepare_data_per_node
         self.poison = poison
         self.validate = validate
         self.num_classes = num_classes
@@ -105,6 +111,7 @@ class RobustDataModule(LightningDataModule):
         self.summary: DataSummary | None = None
         self._excluded: Tensor | None = None
         self._restored_excluded: Tensor | None = None
+        self._user_reload_setting: int | None = None
         self._train: IndexedDataset | None = None
         self._scans: dict[str, SplitScan] = {}
         for hook in _MIRRORED_HOOKS:
@@ -133,6 +140,14 @@ class RobustDataModule(LightningDataModule):
             self._setup_train()
         elif stage in ("validate", "test") and self.validate:
             self._scan({"validate": "val", "test": "test"}[stage])
+        if self.trainer is not None and all(
+            is_overridden("on_before_batch_transfer", owner, parent)
+            for owner, parent in ((self.datamodule, LightningDataModule), (self.trainer.lightning_module, LightningModule))
+        ):
+            rank_zero_warn(
+                "Both your LightningModule and your LightningDataModule override `on_before_batch_transfer`; "
+                "as without RobustDataModule, only the datamodule's runs."
+            )
 
     def teardown(self, stage: str) -> None:
         self.datamodule.teardown(stage)
@@ -140,9 +155,7 @@ class RobustDataModule(LightningDataModule):
     def _setup_train(self) -> None:
         if self._train is not None:
             return
-        user_loader = self.datamodule.train_dataloader()
-        loader_shuffles(user_loader)  # refuse a loader the wrapper cannot rebuild before reading any data
-        base = user_loader.dataset
+        base = self._user_train_loader().dataset
         labels = None
         if self.validate or self.poison is not None:
             train = self._scan("train", base)
@@ -152,7 +165,8 @@ class RobustDataModule(LightningDataModule):
             self._scan("val")
             if is_overridden("test_dataloader", self.datamodule, LightningDataModule):
                 self.datamodule.setup("test")
-                self._scan("test")
+                # Read now for the train/test overlap; its problems stop trainer.test, not training.
+                self._scan("test", strict=False)
             self.summary = summarize(self._scans, self.num_classes, self.poison_mask)
             _log_summary(self.summary, self.poison)
         self._train = IndexedDataset(base, resolve_key(base[0], self.target_key, "target"), labels, self.poison_mask)
@@ -160,15 +174,33 @@ class RobustDataModule(LightningDataModule):
         if self._restored_excluded is not None:
             self._apply_restored(self._restored_excluded)
 
-    def _scan(self, split: str, dataset: Dataset | None = None) -> SplitScan | None:
-        """Scan a split once; ``dataset`` defaults to the one behind the datamodule's loader for it."""
+    def _user_train_loader(self) -> DataLoader:
+        try:
+            loader = self.datamodule.train_dataloader()
+        except ValueError as error:
+            if "num_samples=0" not in str(error):  # torch's RandomSampler refusing an empty dataset
+                raise
+            raise DataValidationError(
+                "The train split is empty. Fix: check that your datamodule's setup() loads data for it."
+            ) from error
+        loader_shuffles(loader)  # refuse a loader the wrapper cannot rebuild before reading any data
+        return loader
+
+    def _scan(self, split: str, dataset: Dataset | None = None, strict: bool = True) -> SplitScan | None:
+        """Read a split once (cached); raise its problems, or with ``strict=False`` warn about them."""
         if split not in self._scans:
             dataset = dataset if dataset is not None else self._dataset_of(split)
             if dataset is None:
                 return None
             progress = rank_zero_only.rank == 0
-            self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, self.validate, progress)
-        return self._scans[split]
+            self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, False, progress)
+        scan = self._scans[split]
+        if self.validate and scan.problems:
+            message = "Data validation failed:\n- " + "\n- ".join(scan.problems)
+            if strict:
+                raise DataValidationError(message)
+            rank_zero_warn(message)
+        return scan
 
     def _dataset_of(self, split: str) -> Dataset | None:
         hook = f"{split}_dataloader"
@@ -180,20 +212,29 @@ class RobustDataModule(LightningDataModule):
 
     # ------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        if self._train is None:
-            raise RuntimeError("Call setup('fit') before train_dataloader(); Trainer.fit does it for you.")
-        user_loader = self.datamodule.train_dataloader()
-        shuffle = loader_shuffles(user_loader)
+        train = self._require_train()
+        user_loader = self._user_train_loader()
+        if len(user_loader.dataset) != len(train):
+            raise RuntimeError(
+                f"train_dataloader() now returns {len(user_loader.dataset)} samples, but setup saw {len(train)}. "
+                "RobustDataModule fixes the training set at setup (ids, checks, drills): keep it the same size."
+            )
+        # The same samples in a new dataset object (rebuilt per call, with fresh augmentation): train on it.
+        train.base = user_loader.dataset
         trainer = self.trainer
+        shards = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
         sampler = ExclusionSampler(
-            self._train,
-            self._excluded,
-            shuffle=shuffle,
+            train,
+            self._excluded.clone(),  # this loader's epochs see the mask as it is now
+            shuffle=loader_shuffles(user_loader),
             seed=self.seed,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
+            num_replicas=shards.get("num_replicas", 1),
+            rank=shards.get("rank", 0),
         )
-        return rebuild_loader(user_loader, self._train, sampler)
+        if self._user_reload_setting is not None:
+            trainer.reload_dataloaders_every_n_epochs = self._user_reload_setting
+            self._user_reload_setting = None
+        return rebuild_loader(user_loader, train, sampler)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, IdBatch):
@@ -221,11 +262,15 @@ class RobustDataModule(LightningDataModule):
         return self.excluded.nonzero().flatten()
 
     def exclude(self, ids: Any) -> None:
-        """Leave these training ids out from the next epoch on. Under DDP call it on every rank."""
+        """Leave these training ids out from the next epoch on.
+
+        Under DDP this is a collective: call it on every rank. The ids asked for on all ranks are
+        combined, so every rank keeps the same mask.
+        """
         self._set_excluded(ids, True)
 
     def include(self, ids: Any) -> None:
-        """Bring excluded training ids back from the next epoch on. Under DDP call it on every rank."""
+        """Bring excluded training ids back from the next epoch on. Under DDP, as :meth:`exclude`."""
         self._set_excluded(ids, False)
 
     def _set_excluded(self, ids: Any, value: bool) -> None:
@@ -233,20 +278,24 @@ class RobustDataModule(LightningDataModule):
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         outside = ids[(ids < 0) | (ids >= len(self._excluded))]
         if len(outside):
-            raise IndexError(
-                f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {len(self._excluded) - 1}."
-            )
-        mask = self._excluded.clone()
-        mask[ids] = value
+            last = len(self._excluded) - 1
+            raise IndexError(f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {last}.")
+        requested = torch.zeros_like(self._excluded)
+        requested[ids] = True
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            # Rank 0's decision wins, so that every rank samples from the same mask.
-            mask = trainer.strategy.broadcast(mask, src=0)
+            # On the strategy's device: NCCL gathers CUDA tensors only.
+            gathered = trainer.strategy.all_gather(requested.to(trainer.strategy.root_device, torch.int32))
+            requested = gathered.sum(0).cpu() > 0
+        mask = self._excluded.clone()
+        mask[requested] = value
         if bool(mask.all()):
             raise ValueError("This would exclude every training sample; at least one must stay.")
         self._excluded.copy_(mask)
-        if trainer is not None and trainer.state.fn == "fit" and not trainer.reload_dataloaders_every_n_epochs:
-            # Lightning sizes the epoch when it builds the train loader, so it must rebuild it.
+        if trainer is not None and trainer.state.fn == "fit" and self._user_reload_setting is None:
+            # Lightning sizes an epoch when it builds the train loader: have it rebuild the loader at the
+            # next epoch, then restore the user's setting (in train_dataloader).
+            self._user_reload_setting = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1
 
     def _require_train(self) -> IndexedDataset:

@@ -15,8 +15,8 @@ class ExclusionSampler(DistributedSampler):
 
     Every rank draws the same permutation from ``seed + epoch`` and takes every
     ``num_replicas``-th id from position ``rank``, as :class:`~torch.utils.data.DistributedSampler`
-    does; it subclasses it so that Lightning keeps it instead of injecting its own. The mask is
-    read when an epoch's iteration starts, so a change takes effect at the next epoch.
+    does; it subclasses it so that Lightning keeps it instead of injecting its own. Pass it a copy
+    of the mask that stays fixed while the loader lives: Lightning sizes epochs from its length.
 
     Example:
         >>> import torch
@@ -49,8 +49,7 @@ class ExclusionSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         ids = self._included()
-        per_rank = math.ceil(len(ids) / self.num_replicas)
-        padding = per_rank * self.num_replicas - len(ids)
+        total = math.ceil(len(ids) / self.num_replicas) * self.num_replicas
         # Pad by repeating ids, as DistributedSampler does, so all ranks run the same number of steps.
-        ids = torch.cat([ids, ids[:padding]])
+        ids = ids.repeat(math.ceil(total / len(ids)))[:total]
         return iter(ids[self.rank :: self.num_replicas].tolist())

@@ -53,16 +53,34 @@ def _leaves(structure: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def _as_tensor(value: Any) -> Tensor | None:
+    """The leaf as a CPU tensor, or None for what has no numeric form (strings, paths, None, objects)."""
     if isinstance(value, Tensor):
         return value.detach().cpu()
     if isinstance(value, (str, bytes)):
         return None
-    return torch.as_tensor(np.asarray(value))
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (NotImplementedError, RuntimeError):  # e.g. float8 has no isfinite kernel
+        return bool(torch.isfinite(tensor.float()).all())
+
+
+def _raw_bytes(tensor: Tensor) -> bytes:
+    # Through uint8, because numpy has no bfloat16 or float8.
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _label_of(sample: Any, key: Key) -> int | None:
-    label = get_field(sample, key)
-    tensor = _as_tensor(label)
+    try:
+        tensor = _as_tensor(get_field(sample, key))
+    except (KeyError, IndexError, TypeError):  # a sample that lacks the label is reported by id
+        return None
     if tensor is None or tensor.numel() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         return None
     return int(tensor.item())
@@ -88,14 +106,14 @@ class _SplitChecker:
         for path, value in leaves:
             tensor = _as_tensor(value)
             if tensor is None:
-                digest.update(str(value).encode())
+                digest.update(repr(value).encode())
                 continue
             self.signatures[path][(tuple(tensor.shape), tensor.dtype)].append(index)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 self.non_finite[path].append(index)
             if path != f"[{self.key!r}]":
                 digest.update(str(tuple(tensor.shape)).encode())
-                digest.update(tensor.contiguous().numpy().tobytes())
+                digest.update(_raw_bytes(tensor))
         return (label if label is not None else -1), digest.hexdigest()
 
     def problems(self) -> list[str]:
@@ -179,8 +197,9 @@ class DataSummary:
 
     @property
     def imbalance_ratio(self) -> float:
+        """Largest over smallest train class; infinite when a class has no training sample."""
         train = self.counts["train"]
-        return max(train) / max(min(train), 1)
+        return max(train) / min(train) if min(train) else float("inf")
 
     def __str__(self) -> str:
         splits = list(self.counts)
@@ -191,6 +210,9 @@ class DataSummary:
         ]
         lines = [format_table(header, rows)]
         lines.append(f"imbalance ratio (largest/smallest train class): {self.imbalance_ratio:.2f}")
+        empty = [c for c, count in enumerate(self.counts["train"]) if count == 0]
+        if empty:
+            lines.append(f"classes with no training sample: {empty}")
         if "test" in self.counts:
             pairs = ", ".join(f"train {a} = test {b}" for a, b in self.duplicates[:_SHOWN_IDS])
             lines.append(
@@ -199,10 +221,15 @@ class DataSummary:
         return "\n".join(lines)
 
 
+def _valid(labels: Tensor, num_classes: int) -> Tensor:
+    return labels[(labels >= 0) & (labels < num_classes)]
+
+
 def summarize(scans: Mapping[str, SplitScan], num_classes: int, poison_mask: Tensor | None = None) -> DataSummary:
     """Build the :class:`DataSummary` of scanned splits; duplicates compare input digests of train and test."""
     counts = {
-        name: torch.bincount(scan.labels.clamp(min=0), minlength=num_classes).tolist() for name, scan in scans.items()
+        name: torch.bincount(_valid(scan.labels, num_classes), minlength=num_classes).tolist()
+        for name, scan in scans.items()
     }
     duplicates: list[tuple[int, int]] = []
     if "train" in scans and "test" in scans:

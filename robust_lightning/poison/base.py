@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -24,8 +25,14 @@ def check_rate(rate: float) -> float:
 
 
 def count_for(rate: float, n: int) -> int:
-    """``round(rate * n)`` rounding halves up, so that the count never depends on banker's rounding."""
-    return math.floor(rate * n + 0.5)
+    """``round(rate * n)`` with halves rounded up, computed on the rate as written.
+
+    Exact arithmetic, because in floats 0.29 * 50 is 14.4999... and would round down.
+
+    >>> count_for(0.29, 50), count_for(0.4, 145), count_for(0.5, 3)
+    (15, 58, 2)
+    """
+    return math.floor(Fraction(str(rate)) * n + Fraction(1, 2))
 
 
 def check_labels(labels: Tensor, num_classes: int) -> Tensor:
