@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,9 @@ _STAGES = ("val", "test")
 
 # The values are synced by torchmetrics before they are logged, so logging them unsynced is right
 # (and, unlike a second sync, works with NCCL whatever device they are on).
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(accuracy|precision|recall|f1)/")
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(val|test)/(accuracy|precision|recall|f1)/"
+)
 
 
 def _present(confusion: Tensor) -> Tensor:
@@ -99,8 +102,9 @@ class PerClassMetrics(Callback):
         input_key: Key | None = None,
         target_key: Key | None = None,
     ) -> None:
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        num_classes = int(num_classes)
         names = [str(c) for c in range(num_classes)] if class_names is None else [str(c) for c in class_names]
         if len(names) != num_classes or len(set(names)) != num_classes:
             raise ValueError(f"class_names must hold {num_classes} distinct names, got {list(class_names or [])}.")
@@ -120,6 +124,7 @@ class PerClassMetrics(Callback):
         # Built here, in each process: built in __init__, ddp_spawn would share one CPU state between ranks.
         # Metrics held by a callback are not submodules, so they must be put on the module's device.
         self._metrics = {s: _collection(self.num_classes).to(pl_module.device) for s in _STAGES}
+        self._seen = {}
 
     def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, loader_idx: int) -> None:
         if trainer.sanity_checking:
@@ -136,7 +141,8 @@ class PerClassMetrics(Callback):
         logits = logits.detach()
         keep = self._real_samples(trainer, stage, loader_idx, len(y))
         if keep is not None:
-            logits, y = logits[keep.to(y.device)], y[keep.to(y.device)]
+            keep = keep.to(y.device)
+            logits, y = logits[keep], y[keep]
         self._metrics[stage].update(logits, y)
 
     def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:

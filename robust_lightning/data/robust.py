@@ -142,7 +142,10 @@ class RobustDataModule(LightningDataModule):
             self._scan({"validate": "val", "test": "test"}[stage])
         if self.trainer is not None and all(
             is_overridden("on_before_batch_transfer", owner, parent)
-            for owner, parent in ((self.datamodule, LightningDataModule), (self.trainer.lightning_module, LightningModule))
+            for owner, parent in (
+                (self.datamodule, LightningDataModule),
+                (self.trainer.lightning_module, LightningModule),
+            )
         ):
             rank_zero_warn(
                 "Both your LightningModule and your LightningDataModule override `on_before_batch_transfer`; "
@@ -196,10 +199,10 @@ class RobustDataModule(LightningDataModule):
             self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, False, progress)
         scan = self._scans[split]
         if self.validate and scan.problems:
-            message = "Data validation failed:\n- " + "\n- ".join(scan.problems)
+            error = DataValidationError.of(scan.problems)
             if strict:
-                raise DataValidationError(message)
-            rank_zero_warn(message)
+                raise error
+            rank_zero_warn(str(error))
         return scan
 
     def _dataset_of(self, split: str) -> Dataset | None:
@@ -291,7 +294,7 @@ class RobustDataModule(LightningDataModule):
         mask[requested] = value
         if bool(mask.all()):
             raise ValueError("This would exclude every training sample; at least one must stay.")
-        self._excluded.copy_(mask)
+        self._excluded = mask
         if trainer is not None and trainer.state.fn == "fit" and self._user_reload_setting is None:
             # Lightning sizes an epoch when it builds the train loader: have it rebuild the loader at the
             # next epoch, then restore the user's setting (in train_dataloader).
@@ -325,7 +328,7 @@ class RobustDataModule(LightningDataModule):
                 f"The checkpoint's exclusion mask covers {len(excluded)} training samples, but the train split has "
                 f"{len(self._excluded)}. Resume with the same data as the run that saved the checkpoint."
             )
-        self._excluded.copy_(excluded)
+        self._excluded = excluded.clone()
 
 
 @rank_zero_only

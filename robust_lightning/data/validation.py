@@ -27,6 +27,10 @@ _SHOWN_IDS = 10
 class DataValidationError(ValueError):
     """Raised when a split holds samples that training must not see. The message names the ids."""
 
+    @classmethod
+    def of(cls, problems: list[str]) -> DataValidationError:
+        return cls("Data validation failed:\n- " + "\n- ".join(problems))
+
 
 @dataclass
 class SplitScan:
@@ -182,7 +186,7 @@ def scan_split(
         digests.append(digest)
     scan = SplitScan(name, torch.tensor(labels, dtype=torch.long), digests, checker.problems())
     if check and scan.problems:
-        raise DataValidationError("Data validation failed:\n- " + "\n- ".join(scan.problems))
+        raise DataValidationError.of(scan.problems)
     return scan
 
 
