@@ -77,6 +77,8 @@ class StructuredDigits(LightningDataModule):
 
 def split_batch(batch):
     x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
+    if isinstance(y, list):  # labels given as [3] collate to a list of one tensor
+        (y,) = y
     return x, y.reshape(-1)
 
 

@@ -150,21 +150,22 @@ class LabelTypeDigits(StructuredDigits):
             "numpy scalar": np.int64,
             "numpy 0-d array": np.array,
             "tensor (1,)": lambda y: torch.tensor([y]),
+            "list": lambda y: [y],
         }[self.label_type]
         base = self.train_set
         self.train_set = ListDataset([(base.x[i], convert(int(base.y[i]))) for i in range(len(base))])
 
 
-@pytest.mark.parametrize("label_type", ["int", "numpy scalar", "numpy 0-d array", "tensor (1,)"])
+@pytest.mark.parametrize("label_type", ["int", "numpy scalar", "numpy 0-d array", "tensor (1,)", "list"])
 def test_poisoned_labels_keep_the_users_label_type(label_type):
     user_dm = LabelTypeDigits(label_type)
     dm = RobustDataModule(user_dm, poison=PairFlip({4: 8, 8: 4}, rate=0.5))
     model = RecordingClassifier()
     Trainer(**trainer_kwargs(limit_val_batches=0)).fit(model, datamodule=dm)
     reference = list(user_dm.train_dataloader())
-    labels = torch.cat([batch[1].flatten() for _, batch, _ in model.seen])
-    clean = torch.cat([batch[1].flatten() for batch in reference])
-    assert [batch[1].shape[1:] for _, batch, _ in model.seen] == [batch[1].shape[1:] for batch in reference]
+    labels = torch.cat([split_batch(batch)[1] for _, batch, _ in model.seen])
+    clean = torch.cat([split_batch(batch)[1] for batch in reference])
+    assert [type(batch[1]) for _, batch, _ in model.seen] == [type(batch[1]) for batch in reference]
     assert torch.equal(labels != clean, dm.poison_mask)
     assert (labels[dm.poison_mask] == 12 - clean[dm.poison_mask]).all()
 

@@ -77,6 +77,28 @@ def test_exclusion_works_with_the_users_reload_setting_and_leaves_it_as_it_was()
     assert trainer.reload_dataloaders_every_n_epochs == 2
 
 
+class ExcludeEveryEpoch(Callback):
+    """Excludes one more id at each epoch end and, like user code may, asks for the train loader's length."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        dm = RobustDataModule.from_trainer(trainer)
+        dm.exclude([trainer.current_epoch])
+        len(dm.train_dataloader())
+
+
+def test_the_reload_setting_comes_back_even_when_exclusion_ends_the_run_or_the_loader_is_peeked():
+    dm = RobustDataModule(StructuredDigits())
+    model = RecordingClassifier()
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=[ExcludeEveryEpoch()]))
+    trainer.fit(model, datamodule=dm)
+    assert trainer.reload_dataloaders_every_n_epochs == 0
+    for epoch, ids in model.ids_by_epoch().items():
+        assert set(ids) == set(range(epoch, dm.num_train)), "each exclusion is in force from the next epoch"
+    second = Trainer(**trainer_kwargs(max_epochs=1, reload_dataloaders_every_n_epochs=2))
+    second.fit(RecordingClassifier(), datamodule=dm)
+    assert second.reload_dataloaders_every_n_epochs == 2
+
+
 def test_a_train_set_that_changes_size_is_refused():
     class Growing(StructuredDigits):
         def train_dataloader(self):
@@ -173,6 +195,18 @@ class ExcludePerRank(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == 0:
             RobustDataModule.from_trainer(trainer).exclude(EXCLUDED[trainer.global_rank :: 2])
+
+
+class ExcludeBadIdOnRankOne(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        RobustDataModule.from_trainer(trainer).exclude([99999] if trainer.global_rank == 1 else [3])
+
+
+@pytest.mark.slow
+def test_a_bad_id_on_one_rank_raises_on_every_rank_instead_of_hanging():
+    trainer = Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn", callbacks=[ExcludeBadIdOnRankOne()]))
+    with pytest.raises(Exception, match="do not exist"):
+        trainer.fit(RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits()))
 
 
 @pytest.mark.slow

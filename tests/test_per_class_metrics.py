@@ -6,6 +6,7 @@ from helpers import DumpHistory, RecordingClassifier, StructuredDigits, split_ba
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
+from torch.utils.data import DataLoader, DistributedSampler
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PerClassMetrics
@@ -119,3 +120,24 @@ def test_the_macro_average_skips_classes_absent_from_labels_and_predictions():
     assert float(trainer.callback_metrics["test/recall/macro"]) == pytest.approx(
         recall_score(truth, predicted, average="macro"), abs=1e-6
     )
+
+
+class OneShardOfDigits(StructuredDigits):
+    """Validates on one rank's shard of a padded DistributedSampler, as each DDP process does."""
+
+    def __init__(self, shuffle_val):
+        super().__init__(batch_size=2, val_size=9)
+        self.shuffle_val = shuffle_val
+
+    def val_dataloader(self):
+        sampler = DistributedSampler(self.val_set, num_replicas=2, rank=1, shuffle=self.shuffle_val)
+        return DataLoader(self.val_set, sampler=sampler, batch_size=2)
+
+
+@pytest.mark.parametrize("shuffle_val", [False, True])
+def test_padding_is_left_out_even_when_a_batch_holds_nothing_else(shuffle_val):
+    # Rank 1 of 2 over 9 samples gets positions 1, 3, 5, 7 and the padding position 9, alone in its batch.
+    metrics = PerClassMetrics(num_classes=10)
+    trainer = Trainer(**trainer_kwargs(callbacks=[metrics], limit_train_batches=2))
+    trainer.fit(RecordingClassifier(), datamodule=RobustDataModule(OneShardOfDigits(shuffle_val)))
+    assert sum(metrics.last("val")["support"]) == 4

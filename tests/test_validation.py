@@ -247,3 +247,25 @@ def test_an_empty_class_makes_the_imbalance_infinite_and_is_named():
     summary = DataSummary(3, {"train": [500, 5, 0]}, duplicates=[])
     assert summary.imbalance_ratio == float("inf")
     assert "classes with no training sample: [2]" in str(summary)
+
+
+def test_flipped_numpy_images_are_checked_and_fingerprinted_by_content():
+    rng = np.random.default_rng(0)
+    images = [np.pad(rng.random((6, 6, 3)), ((1, 1), (1, 1), (0, 0)))[..., ::-1] for _ in range(8)]
+    images[3][4, 4, 0] = np.nan
+
+    class Flipped(LightningDataModule):
+        num_classes = 2
+
+        def train_dataloader(self):
+            return DataLoader(ListDataset([(img, i % 2) for i, img in enumerate(images[:5])]))
+
+        def test_dataloader(self):
+            return DataLoader(ListDataset([(img, 0) for img in [images[0], *images[5:]]]))
+
+    with pytest.raises(DataValidationError, match=r"ids 3\) have NaN or inf"):
+        RobustDataModule(Flipped()).setup("fit")
+    images[3][4, 4, 0] = 0.5
+    dm = RobustDataModule(Flipped())
+    dm.setup("fit")
+    assert dm.summary.duplicates == [(0, 0)]

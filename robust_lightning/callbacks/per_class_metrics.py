@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DistributedSampler
@@ -40,10 +41,10 @@ def _present(confusion: Tensor) -> Tensor:
 def _not_padding(sampler: Any, start: int, count: int) -> Tensor | None:
     """Which of a rank's samples ``start .. start+count-1`` are real rather than DDP padding.
 
-    An unshuffled DistributedSampler deals position ``rank + k * num_replicas`` of the index list to
-    the rank's k-th sample, and pads the list's end with repeats: those positions are past the dataset.
+    DistributedSampler deals position ``rank + k * num_replicas`` of its index list to the rank's k-th
+    sample, and pads the list's end with repeats: those positions lie past the dataset's length.
     """
-    if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last:
+    if type(sampler) not in (DistributedSampler, DistributedSamplerWrapper):
         return None
     positions = sampler.rank + sampler.num_replicas * torch.arange(start, start + count)
     return positions < len(sampler.dataset)
@@ -141,6 +142,8 @@ class PerClassMetrics(Callback):
         logits = logits.detach()
         keep = self._real_samples(trainer, stage, loader_idx, len(y))
         if keep is not None:
+            if not keep.any():
+                return
             keep = keep.to(y.device)
             logits, y = logits[keep], y[keep]
         self._metrics[stage].update(logits, y)
@@ -148,6 +151,8 @@ class PerClassMetrics(Callback):
     def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:
         """Mask out the repeats that DDP pads evaluation sets with, so the counts match one process."""
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
         loader = loaders[loader_idx] if isinstance(loaders, (list, tuple)) else loaders
         start = self._seen.get((stage, loader_idx), 0)
         self._seen[(stage, loader_idx)] = start + count

@@ -48,8 +48,8 @@ class IndexedDataset(Dataset):
 def relabel(original: Any, label: int) -> Any:
     """``label`` in the type, dtype and shape of ``original``, so that collate sees no difference.
 
-    >>> relabel(torch.tensor([3]), 5), relabel(np.int64(3), 5), relabel(3, 5)
-    (tensor([5]), np.int64(5), 5)
+    >>> relabel(torch.tensor([3]), 5), relabel(np.int64(3), 5), relabel(3, 5), relabel([3], 5)
+    (tensor([5]), np.int64(5), 5, [5])
     """
     if isinstance(original, Tensor):
         return torch.full_like(original, label)
@@ -57,6 +57,8 @@ def relabel(original: Any, label: int) -> Any:
         return np.full_like(original, label)
     if isinstance(original, np.generic):
         return original.dtype.type(label)
+    if isinstance(original, (list, tuple)):  # a label given as [3]
+        return type(original)(relabel(item, label) for item in original)
     return type(original)(label)
 
 

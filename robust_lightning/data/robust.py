@@ -111,7 +111,7 @@ class RobustDataModule(LightningDataModule):
         self.summary: DataSummary | None = None
         self._excluded: Tensor | None = None
         self._restored_excluded: Tensor | None = None
-        self._user_reload_setting: int | None = None
+        self._pending_reload: tuple[Trainer, int] | None = None
         self._train: IndexedDataset | None = None
         self._scans: dict[str, SplitScan] = {}
         for hook in _MIRRORED_HOOKS:
@@ -153,6 +153,8 @@ class RobustDataModule(LightningDataModule):
             )
 
     def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._pending_reload is not None:
+            self._end_forced_reload(force=True)
         self.datamodule.teardown(stage)
 
     def _setup_train(self) -> None:
@@ -234,15 +236,14 @@ class RobustDataModule(LightningDataModule):
             num_replicas=shards.get("num_replicas", 1),
             rank=shards.get("rank", 0),
         )
-        if self._user_reload_setting is not None:
-            trainer.reload_dataloaders_every_n_epochs = self._user_reload_setting
-            self._user_reload_setting = None
         return rebuild_loader(user_loader, train, sampler)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, IdBatch):
             self.batch_ids = batch.ids
             batch = batch.batch
+            if self._pending_reload is not None:
+                self._end_forced_reload()
         if is_overridden("on_before_batch_transfer", self.datamodule, LightningDataModule):
             return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
         if self.trainer is not None:
@@ -278,28 +279,43 @@ class RobustDataModule(LightningDataModule):
 
     def _set_excluded(self, ids: Any, value: bool) -> None:
         self._require_train()
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-        outside = ids[(ids < 0) | (ids >= len(self._excluded))]
-        if len(outside):
-            last = len(self._excluded) - 1
-            raise IndexError(f"Training ids {outside[:10].tolist()} do not exist: ids run from 0 to {last}.")
-        requested = torch.zeros_like(self._excluded)
-        requested[ids] = True
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            # On the strategy's device: NCCL gathers CUDA tensors only.
-            gathered = trainer.strategy.all_gather(requested.to(trainer.strategy.root_device, torch.int32))
-            requested = gathered.sum(0).cpu() > 0
+        requested = self._agreed_request(torch.as_tensor(ids, dtype=torch.long).flatten())
         mask = self._excluded.clone()
         mask[requested] = value
         if bool(mask.all()):
             raise ValueError("This would exclude every training sample; at least one must stay.")
         self._excluded = mask
-        if trainer is not None and trainer.state.fn == "fit" and self._user_reload_setting is None:
-            # Lightning sizes an epoch when it builds the train loader: have it rebuild the loader at the
-            # next epoch, then restore the user's setting (in train_dataloader).
-            self._user_reload_setting = trainer.reload_dataloaders_every_n_epochs
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and self._pending_reload is None:
+            # Lightning sizes an epoch when it builds the train loader, so it must build a new one. Have it
+            # reload at the next epoch; the user's setting comes back once that loader is in use.
+            self._pending_reload = (trainer, trainer.reload_dataloaders_every_n_epochs)
             trainer.reload_dataloaders_every_n_epochs = 1
+
+    def _agreed_request(self, ids: Tensor) -> Tensor:
+        """The ids asked for on all ranks, as a mask; every rank raises alike if any asked for a bad id."""
+        last = len(self._excluded) - 1
+        outside = ids[(ids < 0) | (ids > last)]
+        requested = torch.zeros(len(self._excluded) + 1, dtype=torch.int32)
+        requested[ids[(ids >= 0) & (ids <= last)]] = 1
+        requested[-1] = len(outside)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # On the strategy's device: NCCL gathers CUDA tensors only.
+            requested = trainer.strategy.all_gather(requested.to(trainer.strategy.root_device)).sum(0).cpu()
+        if requested[-1]:
+            where = f"{outside[:10].tolist()}" if len(outside) else "asked for on another rank"
+            raise IndexError(f"Training ids {where} do not exist: ids run from 0 to {last}.")
+        return requested[:-1] > 0
+
+    def _end_forced_reload(self, force: bool = False) -> None:
+        """Give the user's reload setting back once Lightning trains from a loader with the current mask."""
+        trainer, setting = self._pending_reload
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        current = isinstance(sampler, ExclusionSampler) and torch.equal(sampler.excluded, self._excluded)
+        if force or current:
+            trainer.reload_dataloaders_every_n_epochs = setting
+            self._pending_reload = None
 
     def _require_train(self) -> IndexedDataset:
         if self._train is None:

@@ -63,9 +63,15 @@ def _as_tensor(value: Any) -> Tensor | None:
     if isinstance(value, (str, bytes)):
         return None
     try:
-        return torch.as_tensor(np.asarray(value))
+        # Contiguous, because torch refuses the negative strides of flipped arrays (img[..., ::-1]).
+        return torch.as_tensor(np.ascontiguousarray(np.asarray(value)))
     except (TypeError, ValueError, RuntimeError):
         return None
+
+
+def _opaque_bytes(value: Any) -> bytes:
+    """Full content of a leaf with no numeric form; repr alone would abbreviate a long array."""
+    return repr(value.tolist() if isinstance(value, np.ndarray) else value).encode()
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -77,7 +83,8 @@ def _all_finite(tensor: Tensor) -> bool:
 
 def _raw_bytes(tensor: Tensor) -> bytes:
     # Through uint8, because numpy has no bfloat16 or float8.
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    dense = tensor.to_dense() if tensor.layout != torch.strided else tensor
+    return dense.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _label_of(sample: Any, key: Key) -> int | None:
@@ -85,7 +92,9 @@ def _label_of(sample: Any, key: Key) -> int | None:
         tensor = _as_tensor(get_field(sample, key))
     except (KeyError, IndexError, TypeError):  # a sample that lacks the label is reported by id
         return None
-    if tensor is None or tensor.numel() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+    if tensor is None or tensor.numel() != 1 or tensor.dtype == torch.bool:
+        return None
+    if tensor.is_floating_point() or tensor.is_complex():
         return None
     return int(tensor.item())
 
@@ -110,10 +119,10 @@ class _SplitChecker:
         for path, value in leaves:
             tensor = _as_tensor(value)
             if tensor is None:
-                digest.update(repr(value).encode())
+                digest.update(_opaque_bytes(value))
                 continue
             self.signatures[path][(tuple(tensor.shape), tensor.dtype)].append(index)
-            if tensor.is_floating_point() and not _all_finite(tensor):
+            if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor):
                 self.non_finite[path].append(index)
             if path != f"[{self.key!r}]":
                 digest.update(str(tuple(tensor.shape)).encode())
