@@ -160,7 +160,7 @@ class RobustDataModule(LightningDataModule):
     def _setup_train(self) -> None:
         if self._train is not None:
             return
-        base = self._user_train_loader().dataset
+        base = self._user_train_loader()[0].dataset
         labels = None
         if self.validate or self.poison is not None:
             train = self._scan("train", base)
@@ -179,7 +179,8 @@ class RobustDataModule(LightningDataModule):
         if self._restored_excluded is not None:
             self._apply_restored(self._restored_excluded)
 
-    def _user_train_loader(self) -> DataLoader:
+    def _user_train_loader(self) -> tuple[DataLoader, bool]:
+        """The wrapped datamodule's train loader, and whether it shuffles; refused before any data is read."""
         try:
             loader = self.datamodule.train_dataloader()
         except ValueError as error:
@@ -188,8 +189,7 @@ class RobustDataModule(LightningDataModule):
             raise DataValidationError(
                 "The train split is empty. Fix: check that your datamodule's setup() loads data for it."
             ) from error
-        loader_shuffles(loader)  # refuse a loader the wrapper cannot rebuild before reading any data
-        return loader
+        return loader, loader_shuffles(loader)
 
     def _scan(self, split: str, dataset: Dataset | None = None, strict: bool = True) -> SplitScan | None:
         """Read a split once (cached); raise its problems, or with ``strict=False`` warn about them."""
@@ -218,7 +218,7 @@ class RobustDataModule(LightningDataModule):
     # ------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         train = self._require_train()
-        user_loader = self._user_train_loader()
+        user_loader, shuffle = self._user_train_loader()
         if len(user_loader.dataset) != len(train):
             raise RuntimeError(
                 f"train_dataloader() now returns {len(user_loader.dataset)} samples, but setup saw {len(train)}. "
@@ -231,7 +231,7 @@ class RobustDataModule(LightningDataModule):
         sampler = ExclusionSampler(
             train,
             self._excluded.clone(),  # this loader's epochs see the mask as it is now
-            shuffle=loader_shuffles(user_loader),
+            shuffle=shuffle,
             seed=self.seed,
             num_replicas=shards.get("num_replicas", 1),
             rank=shards.get("rank", 0),
