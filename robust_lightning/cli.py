@@ -15,14 +15,15 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from robust_lightning.callbacks import PerClassMetrics
+from robust_lightning.callbacks import PerClassMetrics, PoisonFilter
 from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
+from robust_lightning.poison import BackdoorTrigger
 from robust_lightning.report import per_class_table
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"purpose", "seed", "num_classes", "data", "model", "trainer", "poison", "callbacks", "logger", "robust"}
+KNOWN_KEYS = {"purpose", "seed", "num_classes", "data", "model", "trainer", "poison", "filter", "callbacks", "logger", "robust"}
 
 
 def _resource_dir(name: str) -> Path:
@@ -72,11 +73,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = RobustDataModule(instantiate(cfg.data), poison=poison, num_classes=cfg.num_classes, **cfg.robust)
     model = instantiate(cfg.model)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    if cfg.get("filter"):
+        callbacks.append(instantiate(cfg.filter))
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
     )
     trainer.fit(model, datamodule=datamodule)
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if isinstance(poison, BackdoorTrigger) and trainer.is_global_zero:
+        # Under ddp_spawn the parent holds the trained weights too: Lightning copies them back.
+        results["test/attack_success_rate"] = poison.attack_success_rate(model, _test_set(datamodule))
     if trainer.is_global_zero:
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
     return results
@@ -100,9 +106,27 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
         lines += ["", "Test results per class (%):", per_class_table(values, metrics.class_names, extra)]
     if "test/acc" in results:
         lines.append(f"Test accuracy: {100 * results['test/acc']:.1f}%")
+    if "test/attack_success_rate" in results:
+        lines.append(f"Attack success rate on the triggered test set: {100 * results['test/attack_success_rate']:.1f}%")
+    lines += _filter_lines(next((c for c in callbacks if isinstance(c, PoisonFilter)), None))
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts)
     lines += [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
     return "\n".join(lines)
+
+
+def _test_set(datamodule: RobustDataModule) -> Any:
+    datamodule.datamodule.setup("test")
+    return datamodule.datamodule.test_dataloader().dataset
+
+
+def _filter_lines(filter_: PoisonFilter | None) -> list[str]:
+    if filter_ is None or not filter_.rounds:  # no round ran, or they ran in ddp_spawn workers
+        return []
+    last = filter_.rounds[-1]
+    line = f"PoisonFilter flagged {last['flagged']} training samples (last round, epoch {last['epoch']})"
+    if "f1" in last:
+        line += f": precision {last['precision']:.2f}, recall {last['recall']:.2f}, F1 {last['f1']:.2f} against the drill"
+    return [line + "; see flagged.csv."]
 
 
 def _quiet_startup() -> None:

@@ -72,6 +72,7 @@ def test_another_recipe_runs(tmp_path):
     [
         ("trainer.max_epoch=1", "Key 'max_epoch' is not in struct"),
         ("+seeed=1", "Unknown config key(s): 'seeed' (did you mean 'seed'?)"),
+        ("filter.start_epoch=0", "start_epoch must be an integer >= 1"),
         ("poison.rate=-0.1", "A poison rate must lie in [0, 1), got -0.1"),
         ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
     ],
@@ -90,3 +91,13 @@ def test_the_default_recipe_runs_under_two_process_ddp(tmp_path):
     table = result.stdout.split("Test results per class (%):\n")[1].splitlines()
     assert [line.split()[0] for line in table[1:11]] == list("0123456789")
     assert (run_folder(result.stdout) / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("recipe", ["digits_backdoor", "digits_sym40"])
+def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
+    fast = ["trainer.max_epochs=5", "trainer.enable_progress_bar=false"]
+    result = cli(f"recipe={recipe}", *fast, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PoisonFilter flagged" in result.stdout and "against the drill" in result.stdout
+    assert ("Attack success rate on the triggered test set" in result.stdout) == (recipe == "digits_backdoor")
+    assert (run_folder(result.stdout) / "flagged.csv").read_text().startswith("id,label,score,detector")

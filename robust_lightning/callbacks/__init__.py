@@ -1,5 +1,6 @@
 """Lightning callbacks that add robustness to an unmodified LightningModule."""
 
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
+from robust_lightning.callbacks.poison_filter import PoisonFilter
 
-__all__ = ["PerClassMetrics"]
+__all__ = ["PerClassMetrics", "PoisonFilter"]

@@ -29,10 +29,18 @@ class IdBatch(NamedTuple):
 
 
 class IndexedDataset(Dataset):
-    """Return ``(sample, id)``, with the label replaced where a drill poisoned it."""
+    """Return ``(sample, id)``, with the label (and, for input drills, the input) replaced where a drill poisoned it."""
 
-    def __init__(self, base: Dataset, target_key: Key, labels: Tensor | None = None, poisoned: Tensor | None = None):
+    def __init__(
+        self,
+        base: Dataset,
+        target_key: Key,
+        labels: Tensor | None = None,
+        poisoned: Tensor | None = None,
+        poison_input: tuple[Key, Callable[[Tensor], Tensor]] | None = None,
+    ):
         self.base, self.target_key, self.labels, self.poisoned = base, target_key, labels, poisoned
+        self.poison_input = poison_input
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -42,6 +50,9 @@ class IndexedDataset(Dataset):
         if self.poisoned is not None and self.poisoned[index]:
             label = relabel(get_field(sample, self.target_key), int(self.labels[index]))
             sample = replace_field(sample, self.target_key, label)
+            if self.poison_input is not None:
+                input_key, stamp = self.poison_input
+                sample = replace_field(sample, input_key, stamp(get_field(sample, input_key)))
         return sample, index
 
 
@@ -97,7 +108,9 @@ def loader_shuffles(loader: DataLoader) -> bool:
     return isinstance(loader.sampler, RandomSampler)
 
 
-def rebuild_loader(loader: DataLoader, dataset: IndexedDataset, sampler: Sampler) -> DataLoader:
+def rebuild_loader(
+    loader: DataLoader, dataset: IndexedDataset, sampler: Sampler, drop_last: bool | None = None
+) -> DataLoader:
     """A DataLoader with the user's settings, over ``dataset`` and ``sampler``, collating ids too."""
     return DataLoader(
         dataset,
@@ -106,7 +119,7 @@ def rebuild_loader(loader: DataLoader, dataset: IndexedDataset, sampler: Sampler
         num_workers=loader.num_workers,
         collate_fn=IdCollate(loader.collate_fn),
         pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
+        drop_last=loader.drop_last if drop_last is None else drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,

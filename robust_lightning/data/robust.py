@@ -14,11 +14,11 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from robust_lightning.data.fields import Key, resolve_key
+from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.loader import IdBatch, IndexedDataset, loader_shuffles, rebuild_loader
 from robust_lightning.data.sampler import ExclusionSampler
 from robust_lightning.data.validation import DataSummary, DataValidationError, SplitScan, scan_split, summarize
-from robust_lightning.poison.base import LabelPoison
+from robust_lightning.poison.base import InputPoison, LabelPoison
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class RobustDataModule(LightningDataModule):
         num_classes: number of classes; defaults to ``datamodule.num_classes``.
         target_key: where the label is in a sample: an index or a dict key. By default position 1
             of a tuple or list, or a key such as ``"label"``, ``"target"`` or ``"y"`` of a dict.
+        input_key: where the input is, for drills that change inputs (e.g.
+            :class:`~robust_lightning.poison.BackdoorTrigger`); by default position 0 or a key
+            such as ``"image"`` or ``"x"``.
         seed: seeds the shuffling of the train sampler (with the epoch number).
 
     Example:
@@ -81,6 +84,7 @@ class RobustDataModule(LightningDataModule):
         num_classes: int | None = None,
         target_key: Key | None = None,
         seed: int = 0,
+        input_key: Key | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, LightningDataModule):
@@ -105,6 +109,7 @@ class RobustDataModule(LightningDataModule):
         self.validate = validate
         self.num_classes = num_classes
         self.target_key = target_key
+        self.input_key = input_key
         self.seed = seed
         self.batch_ids: Tensor | None = None
         self.poison_mask: Tensor | None = None
@@ -164,6 +169,9 @@ class RobustDataModule(LightningDataModule):
         labels = None
         if self.validate or self.poison is not None:
             train = self._scan("train", base)
+        poison_input = None
+        if isinstance(self.poison, InputPoison):
+            poison_input = self._prepare_input_poison(base, train.labels)
         if self.poison is not None:
             labels, self.poison_mask = self.poison(train.labels, self.num_classes)
         if self.validate:
@@ -174,10 +182,22 @@ class RobustDataModule(LightningDataModule):
                 self._scan("test", strict=False)
             self.summary = summarize(self._scans, self.num_classes, self.poison_mask)
             _log_summary(self.summary, self.poison)
-        self._train = IndexedDataset(base, resolve_key(base[0], self.target_key, "target"), labels, self.poison_mask)
+        target_key = resolve_key(base[0], self.target_key, "target")
+        self._train = IndexedDataset(base, target_key, labels, self.poison_mask, poison_input)
         self._excluded = torch.zeros(len(base), dtype=torch.bool)
         if self._restored_excluded is not None:
             self._apply_restored(self._restored_excluded)
+
+    def _prepare_input_poison(self, base: Dataset, labels: Tensor) -> tuple[Key, Any]:
+        input_key = resolve_key(base[0], self.input_key, "input")
+        if not isinstance(get_field(base[0], input_key), Tensor):
+            raise TypeError(
+                f"{type(self.poison).__name__} changes inputs and needs them as torch tensors, but the train "
+                f"samples' input is a {type(get_field(base[0], input_key)).__name__}. Convert it in your dataset "
+                "(e.g. torchvision's ToTensor), or pass input_key=... if the input is another entry."
+            )
+        self.poison.prepare(lambda ids: torch.stack([get_field(base[int(i)], input_key) for i in ids]), labels)
+        return input_key, self.poison.poison_input
 
     def _user_train_loader(self) -> tuple[DataLoader, bool]:
         """The wrapped datamodule's train loader, and whether it shuffles; refused before any data is read."""
@@ -237,6 +257,24 @@ class RobustDataModule(LightningDataModule):
             rank=shards.get("rank", 0),
         )
         return rebuild_loader(user_loader, train, sampler)
+
+    def inspection_dataloader(self) -> DataLoader:
+        """Every training sample once, in id order and excluded ones included: this rank's share under DDP.
+
+        Batches are :class:`~robust_lightning.data.loader.IdBatch` ``(batch, ids)``, the batch built
+        as the user's loader builds it. Detectors read the whole training set through it.
+        """
+        train = self._require_train()
+        user_loader, _ = self._user_train_loader()
+        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = ExclusionSampler(
+            train,
+            torch.zeros(len(train), dtype=torch.bool),
+            shuffle=False,
+            num_replicas=shards.get("num_replicas", 1),
+            rank=shards.get("rank", 0),
+        )
+        return rebuild_loader(user_loader, train, sampler, drop_last=False)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, IdBatch):

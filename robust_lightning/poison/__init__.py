@@ -4,8 +4,22 @@ A rate ``r`` changes exactly ``round(r * n)`` eligible samples (halves round up)
 changed label moves to a *different* class.
 """
 
-from robust_lightning.poison.base import LabelPoison, PoisonResult
+from robust_lightning.poison.backdoor import BackdoorTrigger, stamp_trigger
+from robust_lightning.poison.base import InputPoison, LabelPoison, PoisonResult
+from robust_lightning.poison.feature_shift import FeatureShift, feature_shift
 from robust_lightning.poison.pair_flip import PairFlip, pair_flip
 from robust_lightning.poison.symmetric import SymmetricNoise, symmetric_noise
 
-__all__ = ["LabelPoison", "PairFlip", "PoisonResult", "SymmetricNoise", "pair_flip", "symmetric_noise"]
+__all__ = [
+    "BackdoorTrigger",
+    "FeatureShift",
+    "InputPoison",
+    "LabelPoison",
+    "PairFlip",
+    "PoisonResult",
+    "SymmetricNoise",
+    "feature_shift",
+    "pair_flip",
+    "stamp_trigger",
+    "symmetric_noise",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from abc import ABC, abstractmethod
 from fractions import Fraction
 from typing import NamedTuple
@@ -66,5 +67,38 @@ class LabelPoison(ABC):
         """Return new labels for ``labels``; a changed entry must change class."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+class InputPoison(LabelPoison):
+    """A drill that changes the inputs of the samples it chooses, and possibly their labels.
+
+    Subclasses implement :meth:`choose` (the ground-truth mask), :meth:`poison_input` and, where
+    labels change, :meth:`new_label`. :meth:`prepare` sees the training inputs first, for drills
+    that depend on the data (a class mean, say).
+    """
+
+    def __call__(self, labels: Tensor, num_classes: int) -> PoisonResult:
+        labels = check_labels(labels, num_classes)
+        mask = self.choose(labels, num_classes, torch.Generator().manual_seed(self.seed))
+        poisoned = labels.clone()
+        poisoned[mask] = self.new_label(labels[mask])
+        return PoisonResult(poisoned, mask)
+
+    def select(self, labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
+        return self(labels, num_classes).labels
+
+    @abstractmethod
+    def choose(self, labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
+        """The boolean mask of the samples to poison."""
+
+    @abstractmethod
+    def poison_input(self, x: Tensor) -> Tensor:
+        """The poisoned version of one sample's input; ``x`` itself is left unchanged."""
+
+    def new_label(self, labels: Tensor) -> Tensor:
+        return labels
+
+    def prepare(self, read_inputs: Callable[[Tensor], Tensor], labels: Tensor) -> None:
+        """Look at the training inputs before poisoning: ``read_inputs(ids)`` stacks those samples' inputs."""

@@ -1,0 +1,237 @@
+"""Poisoned-sample filtering on the bundled digits: PoisonFilter against cleanlab and ART, side by side.
+
+Every row trains the same SmallCNN (Adam, 40 epochs, batch 64) on the same split; only the
+defence changes. PoisonFilter works inside the one training run; cleanlab (5-fold out-of-sample
+probabilities) and ART (spectral signatures, activation clustering on the trained model) flag
+samples after training, and the model is then retrained without them.
+
+    pip install -e ".[bench]"
+    python benchmarks/filtering.py            # 3 seeds, all scenarios and defences; writes docs/filtering.md
+    python benchmarks/filtering.py --seeds 0 --defences none filter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from robust_lightning import RobustDataModule
+from robust_lightning.callbacks import PoisonFilter
+from robust_lightning.data import DigitsDataModule
+from robust_lightning.models import SmallCNN
+from robust_lightning.poison import BackdoorTrigger, PairFlip, SymmetricNoise
+
+SCENARIOS: dict[str, Callable[[int], object]] = {
+    "pair flip 40%": lambda seed: PairFlip({4: 8, 8: 4, 6: 9, 9: 6}, rate=0.4, seed=seed),
+    "symmetric 40%": lambda seed: SymmetricNoise(rate=0.4, seed=seed),
+    "BadNets 10%": lambda seed: BackdoorTrigger(target=0, rate=0.1, seed=seed),
+    "clean": lambda seed: None,
+}
+DEFENCES = ("none", "filter", "oracle", "cleanlab", "art_spectral", "art_clustering")
+EPOCHS = 40
+DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
+MARK = "<!-- filtering benchmark table -->"
+
+
+def trainer(callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+    )
+
+
+def fit(seed: int, poison, callbacks=(), keep: torch.Tensor | None = None):
+    """Train SmallCNN on the poisoned digits; ``keep`` restricts training to those ids. Returns model, data, seconds."""
+    pl.seed_everything(seed, verbose=False)
+    data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
+    model = SmallCNN()
+    if keep is not None:
+        data.setup("fit")
+        data.exclude((~keep).nonzero().flatten())
+    start = time.perf_counter()
+    trainer(callbacks).fit(model, datamodule=data)
+    return model, data, time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict(model: SmallCNN, dataset) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x).softmax(1) for x, _ in DataLoader(dataset, batch_size=512)])
+
+
+def outcome(model, data: RobustDataModule, poison, flagged: torch.Tensor | None, seconds: float) -> dict:
+    test = data.datamodule.test_set
+    probs = predict(model, test)
+    row = {"acc": float((probs.argmax(1) == test.tensors[1]).float().mean()), "seconds": seconds}
+    if isinstance(poison, BackdoorTrigger):
+        row["asr"] = poison.attack_success_rate(model, test)
+    if flagged is not None:
+        row["removed"] = float(flagged.float().mean())
+    if flagged is not None and data.poison_mask is not None:
+        truth = data.poison_mask
+        hits = float((flagged & truth).sum())
+        precision, recall = hits / max(float(flagged.sum()), 1), hits / max(float(truth.sum()), 1)
+        row.update(precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12))
+    return row
+
+
+def train_inputs(data: RobustDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training inputs and labels exactly as the model sees them (poisoned)."""
+    samples = [data._train[i][0] for i in range(data.num_train)]
+    return torch.stack([x for x, _ in samples]), torch.tensor([int(y) for _, y in samples])
+
+
+def run_none(seed, poison):
+    model, data, seconds = fit(seed, poison)
+    return outcome(model, data, poison, None, seconds)
+
+
+def run_filter(seed, poison):
+    filter_ = PoisonFilter()
+    model, data, seconds = fit(seed, poison, [filter_])
+    return outcome(model, data, poison, filter_.flags, seconds)
+
+
+def run_oracle(seed, poison):
+    """The ceiling of any filter that excludes: train without exactly the poisoned samples."""
+    data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
+    data.setup("fit")
+    truth = data.poison_mask if data.poison_mask is not None else torch.zeros(data.num_train, dtype=torch.bool)
+    return retrain_without(seed, poison, truth, 0.0)  # no time: a ceiling, not a method
+
+
+def retrain_without(seed, poison, flagged, seconds):
+    model, data, more = fit(seed, poison, keep=~flagged)
+    return outcome(model, data, poison, flagged, seconds + more)
+
+
+def run_cleanlab(seed, poison):
+    from cleanlab.filter import find_label_issues
+    from sklearn.model_selection import StratifiedKFold
+
+    start = time.perf_counter()
+    data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
+    data.setup("fit")
+    x, y = train_inputs(data)
+    probs = torch.zeros(len(y), 10)
+    for fold, (train, held) in enumerate(StratifiedKFold(5, shuffle=True, random_state=seed).split(x, y)):
+        keep = torch.zeros(len(y), dtype=torch.bool)
+        keep[train] = True
+        model, _, _ = fit(seed + fold, poison, keep=keep)
+        probs[held] = predict(model, torch.utils.data.TensorDataset(x[held], y[held]))
+    flagged = torch.as_tensor(find_label_issues(y.numpy(), probs.numpy()))
+    return retrain_without(seed, poison, flagged, time.perf_counter() - start)
+
+
+def run_art(seed, poison, defence_name):
+    from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
+    from art.estimators.classification import PyTorchClassifier
+
+    model, data, seconds = fit(seed, poison)
+    start = time.perf_counter()
+    x, y = train_inputs(data)
+    # ART reads its layers from the model's modules; without the Lightning wrapper the last one is the head.
+    classifier = PyTorchClassifier(
+        model=torch.nn.Sequential(model.features, model.head).eval(), loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10, clip_values=(0, 1)
+    )
+    onehot = np.eye(10)[y.numpy()]
+    if defence_name == "art_spectral":
+        defence = SpectralSignatureDefense(classifier, x.numpy(), onehot, expected_pp_poison=0.1, batch_size=128)
+    else:
+        defence = ActivationDefence(classifier, x.numpy(), onehot)
+    _, is_clean = defence.detect_poison()
+    flagged = torch.as_tensor(np.asarray(is_clean) == 0)
+    return retrain_without(seed, poison, flagged, seconds + time.perf_counter() - start)
+
+
+RUNNERS = {
+    "none": run_none,
+    "filter": run_filter,
+    "oracle": run_oracle,
+    "cleanlab": run_cleanlab,
+    "art_spectral": lambda seed, poison: run_art(seed, poison, "art_spectral"),
+    "art_clustering": lambda seed, poison: run_art(seed, poison, "art_clustering"),
+}
+
+
+def mean(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if key in row]
+    return statistics.fmean(values) if values else None
+
+
+def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
+    lines = [
+        f"Means over seeds {seeds}; time is wall time relative to the same scenario with no defence.",
+        "",
+        "| scenario | defence | precision | recall | F1 | removed | test acc | ASR | time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
+    order = {name: i for i, name in enumerate([*SCENARIOS, *DEFENCES])}
+    for (scenario, defence), rows in sorted(results.items(), key=lambda item: (order[item[0][0]], order[item[0][1]])):
+        base = mean(results.get((scenario, "none"), []), "seconds")
+        ratio = mean(rows, "seconds") / base if base and defence != "oracle" else None  # a ceiling, not a method
+        lines.append(
+            f"| {scenario} | {defence} | {cell(mean(rows, 'precision'))} | {cell(mean(rows, 'recall'))} | "
+            f"{cell(mean(rows, 'f1'))} | {cell(mean(rows, 'removed'), True)} | {cell(mean(rows, 'acc'), True)} | "
+            f"{cell(mean(rows, 'asr'), True)} | {'—' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    start, end = doc.index(MARK) + len(MARK), doc.rindex(MARK)
+    DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
+    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/filtering.md")
+    parser.add_argument("--save", type=Path, help="also save the raw rows as JSON, to merge runs made in parallel")
+    parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
+    args = parser.parse_args()
+    if args.merge:
+        saved = [json.loads(path.read_text()) for path in args.merge]
+        results = {tuple(key.split(" | ")): rows for part in saved for key, rows in part["results"].items()}
+        return publish(results, saved[0]["seeds"], args.no_doc)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("robust_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for scenario in args.scenarios:
+        for seed in args.seeds:
+            for defence in args.defences:  # alternating, so that drift in machine load hits every defence alike
+                row = RUNNERS[defence](seed, SCENARIOS[scenario](seed))
+                results.setdefault((scenario, defence), []).append(row)
+                print(scenario, defence, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
+    if args.save:
+        args.save.write_text(json.dumps({"seeds": args.seeds, "results": {" | ".join(k): v for k, v in results.items()}}))
+    publish(results, args.seeds, args.no_doc)
+
+
+def publish(results: dict[tuple[str, str], list[dict]], seeds: list[int], print_only: bool) -> None:
+    text = table(results, seeds)
+    print(text)
+    if not print_only:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""PoisonFilter: find poisoned training samples while training runs, then exclude, report or down-weight them."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
+from torchmetrics import Metric
+
+from robust_lightning.callbacks.criterion_swap import CriterionSwap
+from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.data.robust import RobustDataModule
+from robust_lightning.detectors import (
+    DETECTORS,
+    Detection,
+    Detector,
+    KNNLabelConsistency,
+    ReferenceKNN,
+    Signals,
+    SpectralSignatures,
+    combine,
+    exclusionary_reclassification,
+    margins_of,
+)
+from robust_lightning.detectors.combine import RULES
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("exclude", "report", "weight")
+# Confirm with precision (a model that never trained on the excluded samples judges them), screen with recall.
+DEFAULT_DETECTORS = (SpectralSignatures(z=4.0), KNNLabelConsistency(k=10, agreement=0.2))
+DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=1))
+
+
+def build_detector(detector: str | Detector) -> tuple[str, Detector]:
+    """A detector and its name, from a name of :data:`~robust_lightning.detectors.DETECTORS` or an instance."""
+    if isinstance(detector, str):
+        if detector not in DETECTORS:
+            raise ValueError(f"Unknown detector {detector!r}. Choose from {sorted(DETECTORS)} or pass an instance.")
+        return detector, DETECTORS[detector]()
+    if not callable(detector):
+        raise TypeError(f"A detector must be a name or a callable taking Signals, got {type(detector).__name__}.")
+    return getattr(detector, "name", type(detector).__name__), detector
+
+
+# Leaves that may sit between the Linear layers of a classifier head.
+_HEAD_PARTS = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)
+
+
+def head_input(module: nn.Module) -> nn.Module:
+    """The first Linear of the model's classifier head: its input is the representation the detectors read.
+
+    The head is the trailing run of leaf modules made of Linear layers, activations, dropout and
+    flatten (in registration order): the pooled features of a CNN such as SmallCNN, the input of a
+    ResNet's ``fc``. When that run is the whole model (an MLP), it is the last Linear instead, whose
+    input is the penultimate layer.
+    """
+    # A loss or a metric registered as an attribute is not part of the forward pass.
+    leaves = [m for m in module.modules() if not list(m.children()) and not isinstance(m, (_Loss, Metric))]
+    linears = [m for m in leaves if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"PoisonFilter reads features at the input of the classifier head of {type(module).__name__}, which has "
+            "no nn.Linear. Pass layer='<name of a submodule>' whose output are the features."
+        )
+    start = len(leaves)
+    while start > 0 and isinstance(leaves[start - 1], _HEAD_PARTS):
+        start -= 1
+    head = [m for m in leaves[start:] if isinstance(m, nn.Linear)]
+    return head[0] if start > 0 and head else linears[-1]
+
+
+class PoisonFilter(Callback):
+    """Detect poisoned training samples during training and exclude, report or down-weight them.
+
+    **Signals.** While the model trains, the margin of every sample's given label is recorded
+    from the logits of its training step (for :class:`~robust_lightning.detectors.AreaUnderMargin`).
+    At each detection epoch one inference pass reads the penultimate features and logits of every
+    training sample, excluded ones included, and of the validation split, which serves as the
+    trusted reference. Features come from a forward hook on the input of the model's classifier
+    head (see :func:`head_input`: the pooled features of a CNN), or on the output of ``layer``.
+    No extra training run.
+
+    **Schedule and action.** Detection runs once the model has trained ``start_epoch`` epochs and
+    every ``every_n_epochs`` after; each round replaces the previous flags. Flagged samples are excluded
+    through :class:`~robust_lightning.data.RobustDataModule` from the next epoch on
+    (``action="exclude"``), only logged (``"report"``), or have their loss multiplied by ``weight``
+    (``"weight"``, through the module's ``criterion``).
+
+    **Logging.** ``filter/flagged`` and ``filter/flagged/{class}``, and with a drill's ground truth
+    ``filter/precision``, ``filter/recall`` and ``filter/f1``. ``flagged.csv`` (id, label, score,
+    detector) is written to ``dirpath`` (default: the logger's folder) after each round.
+
+    **Restart.** Before the first round the model learns from every sample, poisoned ones
+    included, and keeps what it learned (a memorised flip, a backdoor) even once they are
+    excluded. So with ``restart=True`` (the default, unless ``action="report"``), after the first
+    round that flags anything the weights, optimizer and schedulers go back to their state at the
+    start of fit, and training goes on from there without the flagged samples, for ``max_epochs``
+    more epochs: the run is extended by the epochs spent before the restart (logged, and kept on
+    resume), which the smaller filtered epochs mostly pay for. The schedule counts again from the
+    restart, since a freshly restarted model's features judge poorly.
+
+    **Screen, then confirm.** The round that restarts the model runs the ``screen`` detectors,
+    tuned for recall: whatever they miss, the restarted model learns from. Later rounds run
+    ``detectors``, tuned for precision, on a model that never trained on the excluded samples, so
+    they re-include the screen's false alarms and keep what is poisoned.
+
+    **DDP.** Statistics are gathered from every rank and rank 0's decision is broadcast, so every
+    rank excludes the same samples. The state (flags, margins, rounds) is kept in checkpoints.
+
+    Args:
+        detectors: detector names (see :data:`~robust_lightning.detectors.DETECTORS`) or instances,
+            for the rounds after the restart (or every round without one). The default pairs
+            spectral signatures against the trusted split at 4 standard deviations (triggers,
+            flips) with kNN label consistency (scattered noise).
+        rule: how the detectors' flags combine: "any", "majority" or "all".
+        start_epoch: epochs the model trains before the first round (and again after a restart).
+        every_n_epochs: epochs between rounds; 0 runs it once.
+        action: "exclude", "report" or "weight".
+        weight: loss weight of flagged samples with ``action="weight"``, in [0, 1).
+        layer: name of the submodule whose output are the features (default: the classifier head's input).
+        dirpath: where ``flagged.csv`` goes.
+        input_key: where the input is in a batch (default: position 0 or a key such as ``"image"``).
+        target_key: where the label is (default: position 1 or a key such as ``"label"``).
+        restart: restart the model from its initial state after the first round that flags samples.
+        screen: the detectors of the round that restarts the model. The default, spectral
+            signatures at 2 trusted standard deviations and :class:`~robust_lightning.detectors.ReferenceKNN`,
+            errs toward flagging.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from robust_lightning import RobustDataModule
+        >>> from robust_lightning.data import DigitsDataModule
+        >>> from robust_lightning.models import SmallCNN
+        >>> from robust_lightning.poison import PairFlip
+        >>> data = RobustDataModule(DigitsDataModule(), poison=PairFlip({4: 8, 8: 4}, rate=0.4))
+        >>> filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0)
+        >>> trainer = Trainer(max_epochs=3, callbacks=[filter_], logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(SmallCNN(), datamodule=data)
+        >>> len(data.excluded_ids) == int(filter_.flags.sum()) > 0
+        True
+    """
+
+    def __init__(
+        self,
+        detectors: Sequence[str | Detector] = DEFAULT_DETECTORS,
+        rule: str = "any",
+        start_epoch: int = 10,
+        every_n_epochs: int = 5,
+        action: str = "exclude",
+        weight: float = 0.1,
+        layer: str | None = None,
+        dirpath: str | Path | None = None,
+        input_key: Key | None = None,
+        target_key: Key | None = None,
+        restart: bool = True,
+        screen: Sequence[str | Detector] = DEFAULT_SCREEN,
+    ) -> None:
+        self.detectors = _detector_set(detectors, "detectors")
+        self.screen = _detector_set(screen, "screen")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}.")
+        if isinstance(start_epoch, bool) or int(start_epoch) != start_epoch or start_epoch < 1:
+            raise ValueError(f"start_epoch must be an integer >= 1 (detection runs after that epoch), got {start_epoch!r}.")
+        if isinstance(every_n_epochs, bool) or int(every_n_epochs) != every_n_epochs or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be an integer >= 0 (0: detect once), got {every_n_epochs!r}.")
+        if not 0 <= weight < 1:
+            raise ValueError(f"weight must lie in [0, 1): the loss weight of flagged samples, got {weight!r}.")
+        self.rule, self.action, self.weight = rule, action, float(weight)
+        self.start_epoch, self.every_n_epochs = int(start_epoch), int(every_n_epochs)
+        self.layer, self.dirpath = layer, dirpath
+        self.input_key, self.target_key = input_key, target_key
+        self.restart = bool(restart)
+        self.flags: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.sources: list[str] = []
+        self.rounds: list[dict[str, Any]] = []
+        self._margin_sum: Tensor | None = None
+        self._margin_count: Tensor | None = None
+        self._epoch_sum: Tensor | None = None
+        self._epoch_count: Tensor | None = None
+        self._captured: dict[str, Tensor] = {}
+        self._recording = self._trainer_training = False
+        self._handles: list[Any] = []
+        self._swap: CriterionSwap | None = None
+        self._data: RobustDataModule | None = None
+        self._initial: dict[str, Any] | None = None
+        self.extended_by = 0
+        self._extension_applied = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            detectors=list(self.detectors), screen=list(self.screen), action=self.action, layer=self.layer
+        )
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._data = RobustDataModule.from_trainer(trainer)
+        feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module)
+        self._handles = [
+            feature_module.register_forward_hook(self._record_features),
+            pl_module.register_forward_hook(self._record_logits),
+        ]
+        if self.action == "weight":
+            self._swap = CriterionSwap(pl_module, self._batch_weights, by="PoisonFilter(action='weight')")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        n = self._data.num_train
+        if self.flags is None:
+            self.flags = torch.zeros(n, dtype=torch.bool)
+            self.scores = torch.zeros(n)
+            self.sources = [""] * n
+        if self._margin_sum is None:
+            self._margin_sum, self._margin_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+        self._epoch_sum, self._epoch_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+        if self.restart and self.action != "report" and self._initial is None and not self.restarted:
+            self._initial = _training_state(trainer, pl_module)
+        if self._swap is not None:
+            self._swap.apply()
+        self.on_train_start(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Resumed after a restart: in on_fit_start, before Lightning checks the checkpoint's epoch
+        # against max_epochs, or here for strategies that restore callbacks only after on_fit_start.
+        if self.extended_by and not self._extension_applied:
+            self._extend(trainer, self.extended_by)
+
+    def _extend(self, trainer: Trainer, epochs: int) -> None:
+        """Give the restarted model back the epochs spent before the restart."""
+        loop = trainer.fit_loop
+        if loop.max_epochs is not None and loop.max_epochs > 0:
+            loop.max_epochs += epochs
+        self._extension_applied = True
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._extension_applied = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._swap is not None:
+            self._swap.restore()
+
+    # ---------------------------------------------------------------- signals
+    def _record_features(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self._recording:
+            features = output if self.layer else inputs[0]
+            self._captured["features"] = features.detach().flatten(1)
+
+    def _record_logits(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self._recording and isinstance(output, Tensor) and output.ndim == 2:
+            self._captured["logits"] = output.detach()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._captured = {}
+        self._recording = self._trainer_training = True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._recording = self._trainer_training = False
+        ids = self._data.batch_ids
+        logits = self._captured.get("logits")
+        if logits is None or ids is None or len(logits) != len(ids):
+            return  # a step whose last forward was not over this batch (e.g. an attack's): nothing to record
+        labels = get_field(batch, self._key(batch, "target"))
+        self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).double().cpu())
+        self._epoch_count.index_add_(0, ids, torch.ones(len(ids)))
+
+    def _batch_weights(self, batch_size: int) -> Tensor | None:
+        ids = self._data.batch_ids
+        if not self._trainer_training or ids is None or len(ids) != batch_size:
+            return None
+        weights = torch.ones(len(ids))
+        weights[self.flags[ids]] = self.weight
+        return weights
+
+    # --------------------------------------------------------------- detection
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = trainer.strategy
+        for total, part in ((self._margin_sum, self._epoch_sum), (self._margin_count, self._epoch_count)):
+            total += strategy.reduce(part.to(strategy.root_device), reduce_op="sum").cpu().to(total.dtype)
+            part.zero_()
+        epoch = trainer.current_epoch + 1
+        if self._due(epoch - self._start_of_training()):
+            self._detect(trainer, pl_module, epoch)
+
+    def _start_of_training(self) -> int:
+        """The epoch after which the model last started learning: 0, or the round that restarted it."""
+        return max((r["epoch"] for r in self.rounds if r["restarted"]), default=0)
+
+    def _due(self, trained: int) -> bool:
+        """Whether a round runs once the model has trained ``trained`` epochs since it (re)started."""
+        if trained == self.start_epoch:
+            return True
+        return bool(self.every_n_epochs) and trained > self.start_epoch and (trained - self.start_epoch) % self.every_n_epochs == 0
+
+    def _detect(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        signals = self._signals(trainer, pl_module)
+        screening = self._initial is not None
+        detections = {name: detector(signals) for name, detector in (self.screen if screening else self.detectors).items()}
+        if self.restarted and self.action == "exclude":
+            # Excluded since the restart, so the model has never trained on them: its answer is out of sample.
+            held_out = self._data.excluded
+            detections["reclassification"] = exclusionary_reclassification(signals.logits, signals.labels, held_out)
+        combined = combine(list(detections.values()), self.rule)
+        flags = trainer.strategy.broadcast(combined.flags, src=0)
+        if bool(flags.all()):
+            raise RuntimeError(
+                "PoisonFilter flagged every training sample, which would leave nothing to train on. "
+                "Check the detectors' settings, or start detection later (start_epoch) once the model has learned."
+            )
+        self.flags, self.scores = flags.clone(), trainer.strategy.broadcast(combined.scores, src=0)
+        self.sources = _sources(detections, flags)
+        if self.action == "exclude":
+            self._data.include(self._data.excluded_ids)
+            self._data.exclude(flags.nonzero().flatten())
+        if self._initial is not None and bool(flags.any()):
+            _load_training_state(trainer, pl_module, self._initial)
+            self._initial = None
+            self.extended_by = epoch
+            self._extend(trainer, epoch)
+            rank_zero_only(log.info)(
+                "PoisonFilter restarted the model from its initial state at epoch %d; the run goes on for %d more "
+                "epochs, so that it trains max_epochs epochs without the flagged samples.",
+                epoch,
+                trainer.fit_loop.max_epochs - epoch,
+            )
+        self.rounds.append(self._summary(epoch, signals.labels))
+        self._log(pl_module, self.rounds[-1])
+        self._write_csv(trainer, signals.labels)
+
+    @torch.no_grad()
+    def _signals(self, trainer: Trainer, pl_module: LightningModule) -> Signals:
+        train = self._embed(trainer, pl_module, self._data.inspection_dataloader(), with_ids=True)
+        order = _first_per_id(train["ids"], self._data.num_train)
+        reference = self._reference(trainer, pl_module)
+        counts = self._margin_count
+        return Signals(
+            labels=train["labels"][order],
+            num_classes=self._data.num_classes,
+            features=train["features"][order],
+            logits=train["logits"][order],
+            margins=torch.where(counts > 0, self._margin_sum / counts.clamp_min(1), torch.nan).float(),
+            reference_features=reference.get("features"),
+            reference_labels=reference.get("labels"),
+        )
+
+    def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        if loaders is None:
+            return {}
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        parts = [self._embed(trainer, pl_module, loader, with_ids=False) for loader in loaders]
+        return {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
+
+    def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
+        """Features, logits and labels of every batch of ``loader`` in eval mode, gathered from all ranks."""
+        was_training = pl_module.training
+        pl_module.eval()
+        rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "labels": [], "ids": []}
+        try:
+            for batch in loader:
+                if with_ids:
+                    batch, ids = batch
+                    rows["ids"].append(ids)
+                batch = pl_module._apply_batch_transfer_handler(batch)
+                self._captured, self._recording = {}, True
+                pl_module(get_field(batch, self._key(batch, "input")))
+                self._recording = False
+                rows["features"].append(self._captured["features"].float().cpu())
+                rows["logits"].append(self._captured["logits"].float().cpu())
+                rows["labels"].append(torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().cpu())
+        finally:
+            self._recording = False
+            pl_module.train(was_training)
+        return {key: _gather(trainer, torch.cat(parts)) for key, parts in rows.items() if parts}
+
+    def _key(self, batch: Any, role: str) -> Key:
+        return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)
+
+    # ---------------------------------------------------------------- reports
+    @property
+    def restarted(self) -> bool:
+        """Whether the model has been restarted from its initial state after a round."""
+        return any(r["restarted"] for r in self.rounds)
+
+    def _summary(self, epoch: int, labels: Tensor) -> dict[str, Any]:
+        names = self._class_names()
+        per_class = torch.bincount(labels[self.flags], minlength=self._data.num_classes).tolist()
+        restarted = self.restart and self.action != "report" and not self.restarted and bool(self.flags.any())
+        summary: dict[str, Any] = {"epoch": epoch, "flagged": int(self.flags.sum()), "restarted": restarted}
+        summary["per_class"] = dict(zip(names, per_class))
+        truth = self._data.poison_mask
+        if truth is not None:
+            hits = int((self.flags & truth).sum())
+            precision = hits / max(int(self.flags.sum()), 1)
+            recall = hits / max(int(truth.sum()), 1)
+            summary.update(
+                precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12)
+            )
+        return summary
+
+    def _class_names(self) -> list[str]:
+        return [str(c) for c in range(self._data.num_classes)]
+
+    def _log(self, pl_module: LightningModule, summary: dict[str, Any]) -> None:
+        values = {"filter/flagged": float(summary["flagged"])}
+        values.update({f"filter/flagged/{name}": float(n) for name, n in summary["per_class"].items()})
+        values.update({f"filter/{k}": float(summary[k]) for k in ("precision", "recall", "f1") if k in summary})
+        pl_module.log_dict(values, sync_dist=False)
+        rank_zero_only(log.info)(
+            "PoisonFilter, epoch %d: flagged %d samples%s",
+            summary["epoch"],
+            summary["flagged"],
+            "".join(f", {k} {summary[k]:.3f}" for k in ("precision", "recall", "f1") if k in summary),
+        )
+
+    def _write_csv(self, trainer: Trainer, labels: Tensor) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "flagged.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", "score", "detector"])
+            for i in self.flags.nonzero().flatten().tolist():
+                writer.writerow([i, int(labels[i]), f"{float(self.scores[i]):.6g}", self.sources[i]])
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.flags is None:
+            return {}
+        return {
+            "flags": self.flags.clone(),
+            "scores": self.scores.clone(),
+            "sources": list(self.sources),
+            "rounds": list(self.rounds),
+            "margin_sum": self._margin_sum.clone(),
+            "margin_count": self._margin_count.clone(),
+            "initial": self._initial,
+            "extended_by": self.extended_by,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.flags, self.scores = state_dict["flags"].clone(), state_dict["scores"].clone()
+        self.sources, self.rounds = list(state_dict["sources"]), list(state_dict["rounds"])
+        self._margin_sum, self._margin_count = state_dict["margin_sum"].clone(), state_dict["margin_count"].clone()
+        self._initial = state_dict["initial"]
+        self.extended_by = state_dict["extended_by"]
+
+
+def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:
+    if isinstance(detectors, (str, bytes)) or callable(detectors):
+        detectors = [detectors]
+    built = dict(build_detector(d) for d in detectors)
+    if not built:
+        raise ValueError(f"PoisonFilter needs at least one detector in {what}.")
+    return built
+
+
+def _training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Copies of the weights, optimizer and scheduler states, to restart from."""
+    return copy.deepcopy(
+        {
+            "model": pl_module.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        }
+    )
+
+
+def _load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
+    pl_module.load_state_dict(state["model"])
+    for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+        config.scheduler.load_state_dict(saved)
+
+
+def _gather(trainer: Trainer, rows: Tensor) -> Tensor:
+    """Every rank's rows, concatenated in rank order; ranks may hold different numbers of rows."""
+    if trainer.world_size == 1:
+        return rows
+    strategy = trainer.strategy
+    device = strategy.root_device
+    sizes = strategy.all_gather(torch.tensor([len(rows)], device=device)).flatten().tolist()
+    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: len(rows)] = rows.to(device)
+    gathered = strategy.all_gather(padded).cpu()
+    return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+
+def _first_per_id(ids: Tensor, n: int) -> Tensor:
+    """Row positions of ids ``0 .. n-1``, ignoring the repeats DDP pads a shard with."""
+    position = torch.full((n,), len(ids), dtype=torch.long)
+    position.scatter_reduce_(0, ids, torch.arange(len(ids)), "amin")
+    if bool((position == len(ids)).any()):
+        raise RuntimeError("The inspection pass missed some training ids; this is a bug, please report it.")
+    return position
+
+
+def _sources(detections: dict[str, Detection], flags: Tensor) -> list[str]:
+    names = list(detections)
+    stacked = torch.stack([detections[name].flags for name in names])
+    return ["+".join(n for n, hit in zip(names, column) if hit) if flag else "" for flag, column in zip(flags.tolist(), stacked.T.tolist())]

@@ -1,0 +1,44 @@
+"""Poisoned-sample detectors: pure tensor code, from per-sample signals to scores and flags.
+
+Each detector is a class taking :class:`Signals` and returning a :class:`Detection`, with a
+functional twin on plain tensors. :data:`DETECTORS` maps the names used in configs to classes.
+"""
+
+from robust_lightning.detectors.base import Detection, Detector, Signals, margins_of
+from robust_lightning.detectors.clustering import ActivationClustering, activation_clustering, two_means
+from robust_lightning.detectors.combine import Ensemble, combine
+from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
+from robust_lightning.detectors.knn import KNNLabelConsistency, ReferenceKNN, knn_label_consistency, reference_knn
+from robust_lightning.detectors.spectral import (
+    SpectralSignatures,
+    reference_spectral_signatures,
+    spectral_signatures,
+)
+
+DETECTORS = {
+    cls.name: cls
+    for cls in (SpectralSignatures, ActivationClustering, KNNLabelConsistency, ReferenceKNN, AreaUnderMargin)
+}
+
+__all__ = [
+    "DETECTORS",
+    "ActivationClustering",
+    "AreaUnderMargin",
+    "Detection",
+    "Detector",
+    "Ensemble",
+    "KNNLabelConsistency",
+    "ReferenceKNN",
+    "Signals",
+    "SpectralSignatures",
+    "activation_clustering",
+    "area_under_margin",
+    "combine",
+    "exclusionary_reclassification",
+    "knn_label_consistency",
+    "margins_of",
+    "reference_knn",
+    "reference_spectral_signatures",
+    "spectral_signatures",
+    "two_means",
+]

@@ -1,0 +1,77 @@
+"""What every detector takes and gives: per-sample signals in, suspicion scores and flags out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+
+class Detection(NamedTuple):
+    """A suspicion score per sample (higher is more suspicious) and the boolean flags."""
+
+    scores: Tensor
+    flags: Tensor
+
+
+@dataclass
+class Signals:
+    """Per-sample signals of a training set, all indexed by sample id.
+
+    Args:
+        labels: the labels as trained on, ``(N,)``.
+        num_classes: number of classes.
+        features: penultimate (or chosen-layer) features, ``(N, D)``.
+        logits: the model's outputs, ``(N, C)``.
+        margins: mean over training of the given label's logit minus the largest other one, ``(N,)``;
+            NaN for a sample never seen.
+        reference_features: features of trusted samples (the validation split), ``(M, D)``.
+        reference_labels: their labels, ``(M,)``.
+    """
+
+    labels: Tensor
+    num_classes: int
+    features: Tensor | None = None
+    logits: Tensor | None = None
+    margins: Tensor | None = None
+    reference_features: Tensor | None = None
+    reference_labels: Tensor | None = None
+
+    def need(self, *names: str, by: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{by} needs the signals {missing}, which were not collected.")
+
+
+class Detector(Protocol):
+    """Anything that maps :class:`Signals` to a :class:`Detection`."""
+
+    def __call__(self, signals: Signals) -> Detection: ...
+
+
+def margins_of(logits: Tensor, labels: Tensor) -> Tensor:
+    """The given label's logit minus the largest other logit (Pleiss et al., 2020).
+
+    >>> margins_of(torch.tensor([[2.0, 0.5, 1.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 0]))
+    tensor([ 1., -3.])
+    """
+    given = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return given - others
+
+
+def by_class(labels: Tensor, num_classes: int) -> list[Tensor]:
+    """The ids of each class's samples."""
+    return [(labels == cls).nonzero().flatten() for cls in range(num_classes)]
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def no_flags(n: int) -> Detection:
+    return Detection(torch.zeros(n), torch.zeros(n, dtype=torch.bool))

@@ -1,0 +1,212 @@
+"""PoisonFilter in real Lightning training on the digits."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+
+from helpers import StructuredDigits, split_batch, trainer_kwargs
+from robust_lightning import RobustDataModule
+from robust_lightning.callbacks import PoisonFilter
+from robust_lightning.data import DigitsDataModule
+from robust_lightning.models import SmallCNN
+from robust_lightning.poison import PairFlip
+
+FLIPS = {4: 8, 8: 4, 6: 9, 9: 6}
+
+
+def fit_with_filter(tmp_path, filter_, epochs=6, callbacks=(), **kwargs):
+    seed_everything(0)
+    data = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
+    trainer = Trainer(
+        **trainer_kwargs(max_epochs=epochs, **kwargs), callbacks=[filter_, *callbacks], default_root_dir=tmp_path
+    )
+    model = SmallCNN()
+    trainer.fit(model, datamodule=data)
+    return trainer, data, model
+
+
+class InitialWeights(Callback):
+    """Records the weights at the start of fit and right after each of the filter's rounds."""
+
+    def __init__(self):
+        self.after_round = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.after_round[trainer.current_epoch + 1] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_the_filter_screens_restarts_confirms_and_reports(tmp_path):
+    filter_, weights = PoisonFilter(start_epoch=5, every_n_epochs=5, dirpath=tmp_path), InitialWeights()
+    trainer, data, _ = fit_with_filter(tmp_path, filter_, epochs=10, callbacks=[weights])
+    screen, *confirm = filter_.rounds
+    assert (screen["epoch"], screen["restarted"]) == (5, True) and screen["recall"] >= 0.98
+    assert [r["epoch"] for r in confirm] == [10, 15] and not any(r["restarted"] for r in confirm)
+    assert trainer.current_epoch == 15 and filter_.extended_by == 5, "10 epochs after the restart"
+    restarted = weights.after_round[5]
+    assert all(torch.equal(restarted[k], weights.initial[k]) for k in restarted), "back to the initial weights"
+    last = confirm[-1]
+    assert last["f1"] >= 0.85 and last["recall"] >= 0.95, last
+    assert last["flagged"] < screen["flagged"], "the confirming rounds give the screen's false alarms back"
+    assert torch.equal(data.excluded, filter_.flags)
+    logged = trainer.callback_metrics
+    assert float(logged["filter/flagged"]) == last["flagged"] == int(filter_.flags.sum())
+    assert float(logged["filter/f1"]) == pytest.approx(last["f1"])
+    per_class = [float(logged[f"filter/flagged/{c}"]) for c in range(10)]
+    assert sum(per_class) == last["flagged"]
+    assert max(per_class[c] for c in (0, 1, 2, 3, 5, 7)) < min(per_class[c] for c in FLIPS)
+    rows = list(csv.DictReader(open(tmp_path / "flagged.csv")))
+    assert [int(r["id"]) for r in rows] == filter_.flags.nonzero().flatten().tolist()
+    names = {"spectral", "knn", "reclassification"}
+    assert {r["detector"] for r in rows} and all(set(r["detector"].split("+")) <= names for r in rows)
+    labels = torch.tensor([int(data._train[int(r["id"])][0][1]) for r in rows])
+    assert [int(r["label"]) for r in rows] == labels.tolist(), "the label given to the model, poisoned or not"
+
+
+def test_report_only_flags_without_excluding(tmp_path):
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, action="report", dirpath=tmp_path)
+    _, data, _ = fit_with_filter(tmp_path, filter_, epochs=3)
+    assert filter_.flags.any() and not data.excluded.any()
+
+
+class DictClassifier(LightningModule):
+    """A user's module on dict batches, whose loss is a criterion attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.losses = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        terms = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none")
+        self.losses.append((RobustDataModule.from_trainer(self.trainer).batch_ids.clone(), loss.detach(), terms))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        self.log("val_loss", self.criterion(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_weight_action_reweights_through_the_criterion_and_puts_it_back(tmp_path):
+    model = DictClassifier()
+    original = model.criterion
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, action="weight", weight=0.0, dirpath=tmp_path)
+    data = RobustDataModule(StructuredDigits("dict"), poison=PairFlip(FLIPS, rate=0.4))
+    Trainer(**trainer_kwargs(max_epochs=2, callbacks=[filter_])).fit(model, datamodule=data)
+    assert model.criterion is original
+    assert filter_.flags.any() and not data.excluded.any()
+    for ids, loss, terms in model.losses[-3:]:  # second epoch: flagged samples weigh nothing
+        keep = ~filter_.flags[ids]
+        assert keep.any() and not keep.all()
+        assert float(loss) == pytest.approx(float(terms[keep].mean()), rel=1e-5)
+
+
+def test_weight_action_explains_what_to_add_to_a_module_without_criterion():
+    class NoCriterion(DictClassifier):
+        def __init__(self):
+            super().__init__()
+            del self.criterion
+
+    with pytest.raises(AttributeError, match=r"self.criterion = nn.CrossEntropyLoss\(\)"):
+        Trainer(**trainer_kwargs(callbacks=[PoisonFilter(action="weight")])).fit(
+            NoCriterion(), datamodule=RobustDataModule(StructuredDigits())
+        )
+
+
+def test_the_criterion_comes_back_when_fit_fails(tmp_path):
+    class Boom(Callback):
+        def on_train_batch_end(self, *args):
+            raise RuntimeError("boom")
+
+    model = DictClassifier()
+    original = model.criterion
+    trainer = Trainer(**trainer_kwargs(callbacks=[PoisonFilter(action="weight", dirpath=tmp_path), Boom()]))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, datamodule=RobustDataModule(StructuredDigits("dict")))
+    assert model.criterion is original
+
+
+def test_the_filter_needs_robust_data_module_and_says_so():
+    with pytest.raises(RuntimeError, match="RobustDataModule"):
+        Trainer(**trainer_kwargs(callbacks=[PoisonFilter()])).fit(SmallCNN(), datamodule=DigitsDataModule())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"action": "delete"}, "action must be one of"),
+        ({"start_epoch": 0}, "start_epoch"),
+        ({"every_n_epochs": -1}, "every_n_epochs"),
+        ({"weight": 1.5}, "weight must lie"),
+        ({"detectors": ["spectrall"]}, "Unknown detector"),
+        ({"rule": "most"}, "rule must be one of"),
+    ],
+)
+def test_nonsensical_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PoisonFilter(**kwargs)
+
+
+def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    trainer, data, _ = fit_with_filter(tmp_path, filter_, epochs=3)
+    assert [r["epoch"] for r in filter_.rounds] == [2, 4] and trainer.current_epoch == 5
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    resumed = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    data2 = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
+    again = Trainer(**trainer_kwargs(max_epochs=3), callbacks=[resumed])
+    again.fit(SmallCNN(), datamodule=data2, ckpt_path=tmp_path / "done.ckpt")
+    assert again.current_epoch == 5, "the extension is part of the resumed run too: nothing left to train"
+    assert torch.equal(resumed.flags, filter_.flags) and resumed.rounds == filter_.rounds
+    assert resumed.extended_by == 2 and torch.equal(resumed._margin_sum, filter_._margin_sum)
+    assert torch.equal(data2.excluded, data.excluded)
+
+
+def test_a_checkpoint_taken_before_the_restart_keeps_the_initial_weights(tmp_path):
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path)
+    trainer, _, model = fit_with_filter(tmp_path, filter_, epochs=1)
+    assert not filter_.rounds
+    trainer.save_checkpoint(tmp_path / "early.ckpt")
+    initial = torch.load(tmp_path / "early.ckpt", weights_only=False)["callbacks"][filter_.state_key]["initial"]
+    assert initial is not None and set(initial["model"]) == set(model.state_dict())
+
+
+class DumpFilter(Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        filter_ = next(c for c in trainer.callbacks if isinstance(c, PoisonFilter))
+        record = {"flags": filter_.flags.nonzero().flatten().tolist(),
+                  "excluded": RobustDataModule.from_trainer(trainer).excluded_ids.tolist(), "rounds": filter_.rounds}
+        Path(self.folder, f"filter{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path)
+    data = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, devices=2, strategy="ddp_spawn",
+                                       callbacks=[filter_, DumpFilter(str(tmp_path))]))
+    trainer.fit(SmallCNN(), datamodule=data)
+    ranks = [json.loads((tmp_path / f"filter{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert [r["epoch"] for r in ranks[0]["rounds"]] == [3, 6], "screen, restart, confirm: the same on both ranks"
+    assert ranks[0]["flags"] == ranks[0]["excluded"] and ranks[0]["rounds"][-1]["f1"] > 0.6
+    assert len(list(csv.DictReader(open(tmp_path / "flagged.csv")))) == len(ranks[0]["flags"])
