@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
@@ -47,8 +47,14 @@ MARK = "<!-- filtering benchmark table -->"
 
 def trainer(callbacks=()) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
     )
 
 
@@ -144,7 +150,11 @@ def run_art(seed, poison, defence_name):
     x, y = train_inputs(data)
     # ART reads its layers from the model's modules; without the Lightning wrapper the last one is the head.
     classifier = PyTorchClassifier(
-        model=torch.nn.Sequential(model.features, model.head).eval(), loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10, clip_values=(0, 1)
+        model=torch.nn.Sequential(model.features, model.head).eval(),
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 8, 8),
+        nb_classes=10,
+        clip_values=(0, 1),
     )
     onehot = np.eye(10)[y.numpy()]
     if defence_name == "art_spectral":
@@ -178,7 +188,12 @@ def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
         "| scenario | defence | precision | recall | F1 | removed | test acc | ASR | time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cell = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
+
+    def cell(value: float | None, percent: bool = False) -> str:
+        if value is None:
+            return "—"
+        return f"{100 * value:.1f}%" if percent else f"{value:.2f}"
+
     order = {name: i for i, name in enumerate([*SCENARIOS, *DEFENCES])}
     for (scenario, defence), rows in sorted(results.items(), key=lambda item: (order[item[0][0]], order[item[0][1]])):
         base = mean(results.get((scenario, "none"), []), "seconds")
@@ -222,7 +237,9 @@ def main() -> None:
                 results.setdefault((scenario, defence), []).append(row)
                 print(scenario, defence, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:
-        args.save.write_text(json.dumps({"seeds": args.seeds, "results": {" | ".join(k): v for k, v in results.items()}}))
+        args.save.write_text(
+            json.dumps({"seeds": args.seeds, "results": {" | ".join(k): v for k, v in results.items()}})
+        )
     publish(results, args.seeds, args.no_doc)
 
 

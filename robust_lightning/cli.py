@@ -23,7 +23,19 @@ from robust_lightning.report import per_class_table
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"purpose", "seed", "num_classes", "data", "model", "trainer", "poison", "filter", "callbacks", "logger", "robust"}
+KNOWN_KEYS = {
+    "purpose",
+    "seed",
+    "num_classes",
+    "data",
+    "model",
+    "trainer",
+    "poison",
+    "filter",
+    "callbacks",
+    "logger",
+    "robust",
+}
 
 
 def _resource_dir(name: str) -> Path:
@@ -125,7 +137,9 @@ def _filter_lines(filter_: PoisonFilter | None) -> list[str]:
     last = filter_.rounds[-1]
     line = f"PoisonFilter flagged {last['flagged']} training samples (last round, epoch {last['epoch']})"
     if "f1" in last:
-        line += f": precision {last['precision']:.2f}, recall {last['recall']:.2f}, F1 {last['f1']:.2f} against the drill"
+        line += (
+            f": precision {last['precision']:.2f}, recall {last['recall']:.2f}, F1 {last['f1']:.2f} against the drill"
+        )
     return [line + "; see flagged.csv."]
 
 

@@ -43,15 +43,16 @@ def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(
     assert "val/recall/4" in metrics_csv[0] and "test/f1/macro" in metrics_csv[0]
     assert (folder / "checkpoints" / "last.ckpt").stat().st_size > 0
     hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
-    assert hparams["batch_size"] == 64 and hparams["lr"] == 0.001, "the wrapped datamodule's hparams are logged"
+    assert hparams["batch_size"] == 64 and hparams["lr"] == 0.003, "the wrapped datamodule's hparams are logged"
 
 
 def test_help_lists_recipes_and_config_groups(tmp_path):
     result = cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     for line in (
-        "recipe: digits_clean, digits_pairflip",
-        "poison: pair_flip, symmetric",
+        "recipe: digits_backdoor, digits_clean, digits_pairflip, digits_sym40",
+        "poison: backdoor, pair_flip, symmetric",
+        "filter: default",
         "data: digits",
         "model: small_cnn",
         "trainer: default",
@@ -95,7 +96,7 @@ def test_the_default_recipe_runs_under_two_process_ddp(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["digits_backdoor", "digits_sym40"])
 def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
-    fast = ["trainer.max_epochs=5", "trainer.enable_progress_bar=false"]
+    fast = ["trainer.max_epochs=3", "filter.start_epoch=2", "trainer.enable_progress_bar=false"]
     result = cli(f"recipe={recipe}", *fast, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PoisonFilter flagged" in result.stdout and "against the drill" in result.stdout

@@ -44,18 +44,27 @@ def test_paper_spectral_signatures_flag_one_and_a_half_times_the_expected_fracti
 def test_reference_spectral_signatures_flag_outliers_of_the_trusted_class_and_spare_clean_data():
     x, reference = blobs(0), blobs(3, clean=30, odd=0)
     labels, ref_labels = torch.zeros(100, dtype=torch.long), torch.zeros(30, dtype=torch.long)
-    detection = SpectralSignatures(z=3)(Signals(labels, 1, features=x, reference_features=reference,
-                                                reference_labels=ref_labels))
+    detection = SpectralSignatures(z=3)(
+        Signals(labels, 1, features=x, reference_features=reference, reference_labels=ref_labels)
+    )
     assert detection.flags[90:].all() and not detection.flags[:90].any()
-    clean = SpectralSignatures(z=3)(Signals(labels[:90], 1, features=x[:90], reference_features=reference,
-                                            reference_labels=ref_labels))
+    clean = SpectralSignatures(z=3)(
+        Signals(labels[:90], 1, features=x[:90], reference_features=reference, reference_labels=ref_labels)
+    )
     assert clean.flags.float().mean() <= 0.02
 
 
 def test_a_class_with_too_few_trusted_samples_is_not_judged():
     x = blobs(0)
-    detection = SpectralSignatures()(Signals(torch.zeros(100, dtype=torch.long), 1, features=x,
-                                             reference_features=x[:2], reference_labels=torch.zeros(2).long()))
+    detection = SpectralSignatures()(
+        Signals(
+            torch.zeros(100, dtype=torch.long),
+            1,
+            features=x,
+            reference_features=x[:2],
+            reference_labels=torch.zeros(2).long(),
+        )
+    )
     assert not detection.flags.any()
 
 
@@ -81,7 +90,10 @@ def test_area_under_margin_flags_negative_means_and_ignores_unseen_samples():
     margins = torch.tensor([1.0, -0.1, float("nan"), 0.0])
     assert area_under_margin(margins).flags.tolist() == [False, True, False, False]
     assert AreaUnderMargin(threshold=0.5)(Signals(torch.zeros(4).long(), 1, margins=margins)).flags.tolist() == [
-        False, True, False, True,
+        False,
+        True,
+        False,
+        True,
     ]
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Callback, Trainer
 
-from helpers import RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.poison import BackdoorTrigger, FeatureShift, stamp_trigger
@@ -20,7 +20,9 @@ def test_training_sees_the_trigger_and_target_label_exactly_on_the_poisoned_ids(
     clean = dm.datamodule.train_set
     mask = dm.poison_mask
     assert int(mask.sum()) == count_for(0.1, len(clean))
-    assert not any(int(clean[i][1] if structure != "dict" else clean[i]["label"]) == 0 for i in mask.nonzero().flatten())
+    assert not any(
+        int(clean[i][1] if structure != "dict" else clean[i]["label"]) == 0 for i in mask.nonzero().flatten()
+    )
     for _, batch, ids in model.seen:
         x, y = split_batch(batch)
         for row, i in zip(range(len(ids)), ids.tolist()):

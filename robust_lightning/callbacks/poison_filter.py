@@ -143,10 +143,13 @@ class PoisonFilter(Callback):
         >>> from robust_lightning.models import SmallCNN
         >>> from robust_lightning.poison import PairFlip
         >>> data = RobustDataModule(DigitsDataModule(), poison=PairFlip({4: 8, 8: 4}, rate=0.4))
-        >>> filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0)
+        >>> import tempfile
+        >>> filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tempfile.mkdtemp())
         >>> trainer = Trainer(max_epochs=3, callbacks=[filter_], logger=False, enable_checkpointing=False,
         ...                   enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(SmallCNN(), datamodule=data)
+        >>> [r["epoch"] for r in filter_.rounds], trainer.current_epoch  # screen, restart, confirm
+        ([2, 4], 5)
         >>> len(data.excluded_ids) == int(filter_.flags.sum()) > 0
         True
     """
@@ -173,7 +176,9 @@ class PoisonFilter(Callback):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}.")
         if isinstance(start_epoch, bool) or int(start_epoch) != start_epoch or start_epoch < 1:
-            raise ValueError(f"start_epoch must be an integer >= 1 (detection runs after that epoch), got {start_epoch!r}.")
+            raise ValueError(
+                f"start_epoch must be an integer >= 1 (detection runs after that epoch), got {start_epoch!r}."
+            )
         if isinstance(every_n_epochs, bool) or int(every_n_epochs) != every_n_epochs or every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be an integer >= 0 (0: detect once), got {every_n_epochs!r}.")
         if not 0 <= weight < 1:
@@ -310,12 +315,18 @@ class PoisonFilter(Callback):
         """Whether a round runs once the model has trained ``trained`` epochs since it (re)started."""
         if trained == self.start_epoch:
             return True
-        return bool(self.every_n_epochs) and trained > self.start_epoch and (trained - self.start_epoch) % self.every_n_epochs == 0
+        return (
+            bool(self.every_n_epochs)
+            and trained > self.start_epoch
+            and (trained - self.start_epoch) % self.every_n_epochs == 0
+        )
 
     def _detect(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         signals = self._signals(trainer, pl_module)
         screening = self._initial is not None
-        detections = {name: detector(signals) for name, detector in (self.screen if screening else self.detectors).items()}
+        detections = {
+            name: detector(signals) for name, detector in (self.screen if screening else self.detectors).items()
+        }
         if self.restarted and self.action == "exclude":
             # Excluded since the restart, so the model has never trained on them: its answer is out of sample.
             held_out = self._data.excluded
@@ -525,4 +536,7 @@ def _first_per_id(ids: Tensor, n: int) -> Tensor:
 def _sources(detections: dict[str, Detection], flags: Tensor) -> list[str]:
     names = list(detections)
     stacked = torch.stack([detections[name].flags for name in names])
-    return ["+".join(n for n, hit in zip(names, column) if hit) if flag else "" for flag, column in zip(flags.tolist(), stacked.T.tolist())]
+    return [
+        "+".join(n for n, hit in zip(names, column) if hit) if flag else ""
+        for flag, column in zip(flags.tolist(), stacked.T.tolist())
+    ]

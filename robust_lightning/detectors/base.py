@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -62,9 +63,23 @@ def margins_of(logits: Tensor, labels: Tensor) -> Tensor:
     return given - others
 
 
+def principal_directions(centred: Tensor, count: int = 1) -> Tensor:
+    """The top ``count`` right singular vectors of a centred feature matrix, as rows (computed in float64)."""
+    return torch.linalg.svd(centred.double(), full_matrices=False)[2][:count].to(centred.dtype)
+
+
 def by_class(labels: Tensor, num_classes: int) -> list[Tensor]:
     """The ids of each class's samples."""
     return [(labels == cls).nonzero().flatten() for cls in range(num_classes)]
+
+
+def centred_classes(
+    features: Tensor, labels: Tensor, num_classes: int, min_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each class with at least ``min_size`` samples: its ids and its features centred on the class mean."""
+    for ids in by_class(labels, num_classes):
+        if len(ids) >= min_size:
+            yield ids, features[ids] - features[ids].mean(0)
 
 
 def check_positive(name: str, value: float) -> float:

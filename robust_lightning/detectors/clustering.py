@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robust_lightning.detectors.base import Detection, Signals, by_class
+from robust_lightning.detectors.base import Detection, Signals, centred_classes, principal_directions
 
 
 def two_means(points: Tensor, iterations: int = 50) -> Tensor:
@@ -18,7 +18,7 @@ def two_means(points: Tensor, iterations: int = 50) -> Tensor:
     [0, 0, 1, 1]
     """
     centred = points - points.mean(0)
-    projection = centred @ torch.linalg.svd(centred.double(), full_matrices=False)[2][0].to(points.dtype)
+    projection = centred @ principal_directions(centred)[0]
     centres = torch.stack([points[projection.argmin()], points[projection.argmax()]])
     assignment = torch.zeros(len(points), dtype=torch.long)
     for _ in range(iterations):
@@ -26,7 +26,9 @@ def two_means(points: Tensor, iterations: int = 50) -> Tensor:
         if torch.equal(new, assignment) and _ > 0:
             break
         assignment = new
-        centres = torch.stack([points[assignment == j].mean(0) if (assignment == j).any() else centres[j] for j in (0, 1)])
+        centres = torch.stack(
+            [points[assignment == j].mean(0) if (assignment == j).any() else centres[j] for j in (0, 1)]
+        )
     return assignment
 
 
@@ -46,12 +48,8 @@ def activation_clustering(
     """
     scores = torch.zeros(len(labels))
     flags = torch.zeros(len(labels), dtype=torch.bool)
-    for ids in by_class(labels, num_classes):
-        if len(ids) < 4:
-            continue
-        centred = features[ids] - features[ids].mean(0)
-        basis = torch.linalg.svd(centred.double(), full_matrices=False)[2][:dims].to(features.dtype)
-        assignment = two_means(centred @ basis.T)
+    for ids, centred in centred_classes(features, labels, num_classes, min_size=4):
+        assignment = two_means(centred @ principal_directions(centred, dims).T)
         sizes = torch.bincount(assignment, minlength=2).float() / len(ids)
         scores[ids] = 1 - sizes[assignment]
         smaller = int(sizes.argmin())
@@ -94,5 +92,3 @@ class ActivationClustering:
         return activation_clustering(
             signals.features, signals.labels, signals.num_classes, self.dims, self.size_threshold
         )
-
-

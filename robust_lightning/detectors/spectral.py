@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robust_lightning.detectors.base import Detection, Signals, by_class, check_positive
+from robust_lightning.detectors.base import (
+    Detection,
+    Signals,
+    by_class,
+    centred_classes,
+    check_positive,
+    principal_directions,
+)
 
 # Below this many trusted samples a class's spread is too noisy to set a threshold from.
 MIN_REFERENCE = 3
-
-
-def top_directions(centred: Tensor, count: int = 1) -> Tensor:
-    """The top ``count`` right singular vectors of a centred feature matrix, as rows."""
-    return torch.linalg.svd(centred.double(), full_matrices=False)[2][:count].to(centred.dtype)
 
 
 def spectral_signatures(features: Tensor, labels: Tensor, num_classes: int, expected_fraction: float = 0.1):
@@ -27,11 +29,8 @@ def spectral_signatures(features: Tensor, labels: Tensor, num_classes: int, expe
     check_positive("expected_fraction", expected_fraction)
     scores = torch.zeros(len(labels))
     flags = torch.zeros(len(labels), dtype=torch.bool)
-    for ids in by_class(labels, num_classes):
-        if len(ids) < 2:
-            continue
-        centred = features[ids] - features[ids].mean(0)
-        scores[ids] = (centred @ top_directions(centred)[0]).pow(2).float()
+    for ids, centred in centred_classes(features, labels, num_classes, min_size=2):
+        scores[ids] = (centred @ principal_directions(centred)[0]).pow(2).float()
         count = min(len(ids), round(1.5 * expected_fraction * len(ids)))
         flags[ids[scores[ids].topk(count).indices]] = True
     return Detection(scores, flags)
@@ -69,7 +68,7 @@ def reference_spectral_signatures(
             continue
         anchor = reference[trusted[cls]]
         centre = anchor.mean(0)
-        basis = top_directions(features[ids] - centre, directions)
+        basis = principal_directions(features[ids] - centre, directions)
         own = (anchor - centre) @ basis.T
         spread = own.std(0).clamp_min(1e-6 * float(own.abs().max().clamp_min(1.0)))
         scores[ids] = (((features[ids] - centre) @ basis.T - own.mean(0)).abs() / spread).amax(1).float()
