@@ -64,6 +64,8 @@ def test_triggers_fit_any_image_size_and_feature_vectors():
         stamp_trigger(torch.zeros(1, 2, 2), size=3)
     with pytest.raises(ValueError, match="location must be one of"):
         BackdoorTrigger(target=0, rate=0.1, location="middle")
+    stamped = BackdoorTrigger(target=0, rate=0.1, location=(5, 5)).poison_input(torch.zeros(1, 8, 8))
+    assert stamped[0, 5:7, 5:7].eq(1).all() and stamped.sum() == 4
 
 
 def test_a_rate_larger_than_the_other_classes_is_refused():

@@ -8,9 +8,11 @@ import pytest
 import torch
 from helpers import StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import EarlyStopping
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
+from robust_lightning.callbacks.criterion_swap import CriterionSwap
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import PairFlip
@@ -205,10 +207,11 @@ class DumpFilter(Callback):
 
 @pytest.mark.slow
 def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
-    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0)  # flagged.csv into default_root_dir: a collective
     data = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
     trainer = Trainer(
-        **trainer_kwargs(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[filter_, DumpFilter(str(tmp_path))])
+        **trainer_kwargs(max_epochs=3, devices=2, strategy="ddp_spawn", default_root_dir=tmp_path),
+        callbacks=[filter_, DumpFilter(str(tmp_path))],
     )
     trainer.fit(SmallCNN(), datamodule=data)
     ranks = [json.loads((tmp_path / f"filter{r}.json").read_text()) for r in range(2)]
@@ -216,3 +219,96 @@ def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
     assert [r["epoch"] for r in ranks[0]["rounds"]] == [3, 6], "screen, restart, confirm: the same on both ranks"
     assert ranks[0]["flags"] == ranks[0]["excluded"] and ranks[0]["rounds"][-1]["f1"] > 0.6
     assert len((tmp_path / "flagged.csv").read_text().splitlines()) == 1 + len(ranks[0]["flags"])
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        torch.nn.CrossEntropyLoss(),
+        torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3),
+        torch.nn.CrossEntropyLoss(reduction="sum"),
+        torch.nn.NLLLoss(weight=torch.linspace(2.0, 0.5, 10)),
+    ],
+)
+def test_unit_weights_give_back_the_loss_exactly_and_weights_reweight_each_sample(loss):
+    module = DictClassifier()
+    module.criterion = loss
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 10, generator=g).log_softmax(1)
+    target = torch.randint(0, 10, (12,), generator=g)
+    expected, first_four = loss(logits, target), loss(logits[:4], target[:4])
+    weights = {"now": torch.ones(12)}
+    swap = CriterionSwap(module, lambda n: weights["now"], by="test")
+    swap.apply()
+    assert torch.allclose(module.criterion(logits, target), expected)
+    weights["now"] = (torch.arange(12) < 4).float()
+    assert torch.allclose(module.criterion(logits, target), first_four)
+    swap.restore()
+    assert "forward" not in vars(module.criterion) and torch.allclose(module.criterion(logits, target), expected)
+
+
+def test_weight_action_with_a_class_weighted_loss_restarts_and_checkpoints_cleanly(tmp_path):
+    model = DictClassifier()
+    model.criterion = torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10))
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, action="weight", dirpath=tmp_path)
+    trainer = Trainer(**trainer_kwargs(max_epochs=1, callbacks=[filter_]))
+    trainer.fit(model, datamodule=RobustDataModule(StructuredDigits("dict"), poison=PairFlip(FLIPS, rate=0.4)))
+    assert [r["restarted"] for r in filter_.rounds] == [True, False]
+    trainer.save_checkpoint(tmp_path / "w.ckpt")
+    assert "criterion.weight" in torch.load(tmp_path / "w.ckpt", weights_only=False)["state_dict"]
+
+
+def test_low_precision_runs_the_inspection_pass_under_the_trainers_precision(tmp_path):
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path)
+    fit_with_filter(tmp_path, filter_, epochs=1, precision="bf16-true")
+    assert len(filter_.rounds) == 2 and filter_.flags.any()
+
+
+def test_without_a_trusted_split_the_default_filter_stops_before_training():
+    data = RobustDataModule(StructuredDigits())
+    with pytest.raises(ValueError, match="no val_dataloader, or limit_val_batches=0"):
+        Trainer(**trainer_kwargs(limit_val_batches=0, callbacks=[PoisonFilter()])).fit(
+            DictClassifier(), datamodule=data
+        )
+    filter_ = PoisonFilter(screen=["spectral", "knn"], detectors=["spectral", "knn"], start_epoch=1, every_n_epochs=0)
+    Trainer(**trainer_kwargs(limit_val_batches=0, callbacks=[filter_])).fit(DictClassifier(), datamodule=data)
+    assert filter_.rounds
+
+
+def test_a_forward_that_returns_no_logits_gets_a_clear_error(tmp_path):
+    class TupleForward(DictClassifier):
+        def forward(self, x):
+            return self.net(x), x
+
+        def training_step(self, batch, batch_idx):
+            x, y = split_batch(batch)
+            return self.criterion(self(x)[0], y)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    with pytest.raises(TypeError, match="must return a 2-D"):
+        Trainer(**trainer_kwargs(callbacks=[PoisonFilter(start_epoch=1, dirpath=tmp_path)])).fit(
+            TupleForward(), datamodule=RobustDataModule(StructuredDigits())
+        )
+
+
+class ExcludeOnce(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            RobustDataModule.from_trainer(trainer).exclude([7])
+
+
+def test_the_filter_leaves_other_exclusions_alone_and_early_stopping_starts_afresh(tmp_path):
+    stopping = EarlyStopping(monitor="val/acc", mode="max", patience=1)
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=tmp_path)
+    _, data, _ = fit_with_filter(tmp_path, filter_, epochs=4, callbacks=[ExcludeOnce(), stopping])
+    assert [r["epoch"] for r in filter_.rounds] == [2, 4, 6], "early stopping did not cut the restarted run short"
+    assert bool(data.excluded[7]), "the user's exclusion survives the filter's rounds"
+
+
+def test_a_second_fit_with_the_same_callback_starts_afresh(tmp_path):
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path)
+    fit_with_filter(tmp_path, filter_, epochs=1)
+    trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=1)
+    assert [r["epoch"] for r in filter_.rounds] == [1, 2] and trainer.current_epoch == 2

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 from torchmetrics import Metric
 
 from robust_lightning.callbacks.criterion_swap import CriterionSwap
+from robust_lightning.callbacks.restart import load_training_state, reset_early_stopping, training_state
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.detectors import (
@@ -84,38 +85,39 @@ class PoisonFilter(Callback):
 
     **Signals.** While the model trains, the margin of every sample's given label is recorded
     from the logits of its training step (for :class:`~robust_lightning.detectors.AreaUnderMargin`).
-    At each detection epoch one inference pass reads the penultimate features and logits of every
-    training sample, excluded ones included, and of the validation split, which serves as the
-    trusted reference. Features come from a forward hook on the input of the model's classifier
-    head (see :func:`head_input`: the pooled features of a CNN), or on the output of ``layer``.
-    No extra training run.
+    At each round one inference pass, under the trainer's precision, reads the features and logits
+    of every training sample, excluded ones included, and of the validation split, which serves as
+    the trusted reference. Features come from a forward hook on the input of the model's
+    classifier head (see :func:`head_input`: the pooled features of a CNN), or on the output of
+    ``layer``; logits are the output of ``forward``. No extra training run.
 
-    **Schedule and action.** Detection runs once the model has trained ``start_epoch`` epochs and
-    every ``every_n_epochs`` after; each round replaces the previous flags. Flagged samples are excluded
-    through :class:`~robust_lightning.data.RobustDataModule` from the next epoch on
-    (``action="exclude"``), only logged (``"report"``), or have their loss multiplied by ``weight``
-    (``"weight"``, through the module's ``criterion``).
+    **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
+    detectors, tuned for recall, flag suspects. A model keeps what it learned from them (a
+    memorised flip, a backdoor) even once they are excluded, so with ``restart=True`` (unless
+    ``action="report"``) the weights, optimizer and schedulers then go back to their state at the
+    start of fit, and the run is extended by the epochs spent (``max_steps`` by the steps), so that
+    the restarted model trains ``max_epochs`` epochs without the suspects; the smaller filtered
+    epochs pay for most of it. ``EarlyStopping`` starts counting afresh; a ``ModelCheckpoint``
+    "best" score from before the restart is kept, so monitor a metric the restarted model will beat
+    or use ``save_last``. The schedule counts again from the restart: a round runs after
+    ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
+    precision, joined by ``rule``. On top of them, whatever the rule, a sample this filter
+    excluded stays out while the restarted model, which has never trained on it, assigns it to
+    another class (exclusionary reclassification, the confirmation step of activation
+    clustering): the screen's false alarms come back, poisoned samples stay out.
+
+    **Action.** Each round replaces the previous flags. Flagged samples are excluded through
+    :class:`~robust_lightning.data.RobustDataModule` from the next epoch on (``action="exclude"``;
+    exclusions made by others are left alone), only logged (``"report"``), or have their loss
+    multiplied by ``weight`` (``"weight"``, through the module's ``criterion``).
 
     **Logging.** ``filter/flagged`` and ``filter/flagged/{class}``, and with a drill's ground truth
     ``filter/precision``, ``filter/recall`` and ``filter/f1``. ``flagged.csv`` (id, label, score,
     detector) is written to ``dirpath`` (default: the logger's folder) after each round.
 
-    **Restart.** Before the first round the model learns from every sample, poisoned ones
-    included, and keeps what it learned (a memorised flip, a backdoor) even once they are
-    excluded. So with ``restart=True`` (the default, unless ``action="report"``), after the first
-    round that flags anything the weights, optimizer and schedulers go back to their state at the
-    start of fit, and training goes on from there without the flagged samples, for ``max_epochs``
-    more epochs: the run is extended by the epochs spent before the restart (logged, and kept on
-    resume), which the smaller filtered epochs mostly pay for. The schedule counts again from the
-    restart, since a freshly restarted model's features judge poorly.
-
-    **Screen, then confirm.** The round that restarts the model runs the ``screen`` detectors,
-    tuned for recall: whatever they miss, the restarted model learns from. Later rounds run
-    ``detectors``, tuned for precision, on a model that never trained on the excluded samples, so
-    they re-include the screen's false alarms and keep what is poisoned.
-
-    **DDP.** Statistics are gathered from every rank and rank 0's decision is broadcast, so every
-    rank excludes the same samples. The state (flags, margins, rounds) is kept in checkpoints.
+    **DDP.** Features are gathered from every rank and rank 0's decision is broadcast, so every
+    rank excludes the same samples. The state (flags, margins, rounds, the initial weights until
+    the restart, the extension) is kept in checkpoints; a new fit without ``ckpt_path`` starts afresh.
 
     Args:
         detectors: detector names (see :data:`~robust_lightning.detectors.DETECTORS`) or instances,
@@ -124,7 +126,7 @@ class PoisonFilter(Callback):
             flips) with kNN label consistency (scattered noise).
         rule: how the detectors' flags combine: "any", "majority" or "all".
         start_epoch: epochs the model trains before the first round (and again after a restart).
-        every_n_epochs: epochs between rounds; 0 runs it once.
+        every_n_epochs: epochs between rounds; 0 runs one round (and one more after a restart).
         action: "exclude", "report" or "weight".
         weight: loss weight of flagged samples with ``action="weight"``, in [0, 1).
         layer: name of the submodule whose output are the features (default: the classifier head's input).
@@ -188,22 +190,26 @@ class PoisonFilter(Callback):
         self.layer, self.dirpath = layer, dirpath
         self.input_key, self.target_key = input_key, target_key
         self.restart = bool(restart)
-        self.flags: Tensor | None = None
-        self.scores: Tensor | None = None
-        self.sources: list[str] = []
-        self.rounds: list[dict[str, Any]] = []
-        self._margin_sum: Tensor | None = None
-        self._margin_count: Tensor | None = None
-        self._epoch_sum: Tensor | None = None
-        self._epoch_count: Tensor | None = None
         self._captured: dict[str, Tensor] = {}
         self._recording = self._trainer_training = False
         self._handles: list[Any] = []
         self._swap: CriterionSwap | None = None
         self._data: RobustDataModule | None = None
-        self._initial: dict[str, Any] | None = None
+        self._extension_applied = self._reset_stopping_next_epoch = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every earlier fit: a new run starts from nothing unless it resumes from a checkpoint."""
+        self.flags: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.sources: list[str] = []
+        self.rounds: list[dict[str, Any]] = []
         self.extended_by = 0
-        self._extension_applied = False
+        self._margin_sum: Tensor | None = None
+        self._margin_count: Tensor | None = None
+        self._owned: Tensor | None = None  # the ids this filter excluded (others' exclusions are left alone)
+        self._seen: Tensor | None = None  # ids trained on since the restart
+        self._initial: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -215,7 +221,10 @@ class PoisonFilter(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if trainer.ckpt_path is None:
+            self._reset()
         self._data = RobustDataModule.from_trainer(trainer)
+        self._check_reference(trainer)
         feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module)
         self._handles = [
             feature_module.register_forward_hook(self._record_features),
@@ -224,17 +233,29 @@ class PoisonFilter(Callback):
         if self.action == "weight":
             self._swap = CriterionSwap(pl_module, self._batch_weights, by="PoisonFilter(action='weight')")
 
+    def _check_reference(self, trainer: Trainer) -> None:
+        """Detectors that compare with the trusted split need one: say so now, not after start_epoch epochs."""
+        needing = [n for n, d in {**self.screen, **self.detectors}.items() if getattr(d, "needs_reference", False)]
+        has_val = is_overridden("val_dataloader", self._data, LightningDataModule) and trainer.limit_val_batches != 0
+        if needing and not has_val:
+            raise ValueError(
+                f"PoisonFilter's detectors {needing} compare training samples with the validation split, which the "
+                "filter treats as trusted, but this run has none (no val_dataloader, or limit_val_batches=0). Give "
+                "your datamodule a val_dataloader of data you trust, or pass screen=[...] and detectors=[...] that "
+                "need no reference, e.g. PoisonFilter(screen=['spectral', 'knn'], detectors=['spectral', 'knn'])."
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self._data.num_train
         if self.flags is None:
-            self.flags = torch.zeros(n, dtype=torch.bool)
+            self.flags, self._owned, self._seen = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
             self.scores = torch.zeros(n)
             self.sources = [""] * n
         if self._margin_sum is None:
-            self._margin_sum, self._margin_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
-        self._epoch_sum, self._epoch_count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+            self._margin_sum, self._margin_count = torch.zeros(n), torch.zeros(n)
+        self._epoch_sum, self._epoch_count = torch.zeros(n), torch.zeros(n)
         if self.restart and self.action != "report" and self._initial is None and not self.restarted:
-            self._initial = _training_state(trainer, pl_module)
+            self._initial = training_state(trainer, pl_module)
         if self._swap is not None:
             self._swap.apply()
         self.on_train_start(trainer, pl_module)
@@ -249,10 +270,12 @@ class PoisonFilter(Callback):
             self._extend(trainer, self.extended_by)
 
     def _extend(self, trainer: Trainer, epochs: int) -> None:
-        """Give the restarted model back the epochs spent before the restart."""
+        """Give the restarted model back the epochs (and steps) spent before the restart."""
         loop = trainer.fit_loop
         if loop.max_epochs is not None and loop.max_epochs > 0:
             loop.max_epochs += epochs
+        if loop.epoch_loop.max_steps > 0:
+            loop.epoch_loop.max_steps += epochs * trainer.num_training_batches
         self._extension_applied = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -273,6 +296,11 @@ class PoisonFilter(Callback):
         if self._recording and isinstance(output, Tensor) and output.ndim == 2:
             self._captured["logits"] = output.detach()
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._reset_stopping_next_epoch:
+            reset_early_stopping(trainer)
+            self._reset_stopping_next_epoch = False
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._captured = {}
         self._recording = self._trainer_training = True
@@ -285,9 +313,10 @@ class PoisonFilter(Callback):
         logits = self._captured.get("logits")
         if logits is None or ids is None or len(logits) != len(ids):
             return  # a step whose last forward was not over this batch (e.g. an attack's): nothing to record
-        labels = get_field(batch, self._key(batch, "target"))
-        self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).double().cpu())
+        labels = torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().to(logits.device)
+        self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).cpu())
         self._epoch_count.index_add_(0, ids, torch.ones(len(ids)))
+        self._seen[ids] = True
 
     def _batch_weights(self, batch_size: int) -> Tensor | None:
         ids = self._data.batch_ids
@@ -301,8 +330,9 @@ class PoisonFilter(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = trainer.strategy
         for total, part in ((self._margin_sum, self._epoch_sum), (self._margin_count, self._epoch_count)):
-            total += strategy.reduce(part.to(strategy.root_device), reduce_op="sum").cpu().to(total.dtype)
+            total += strategy.reduce(part.to(strategy.root_device), reduce_op="sum").cpu()
             part.zero_()
+        self._seen = strategy.reduce(self._seen.float().to(strategy.root_device), reduce_op="sum").cpu() > 0
         epoch = trainer.current_epoch + 1
         if self._due(epoch - self._start_of_training()):
             self._detect(trainer, pl_module, epoch)
@@ -327,11 +357,13 @@ class PoisonFilter(Callback):
         detections = {
             name: detector(signals) for name, detector in (self.screen if screening else self.detectors).items()
         }
-        if self.restarted and self.action == "exclude":
-            # Excluded since the restart, so the model has never trained on them: its answer is out of sample.
-            held_out = self._data.excluded
-            detections["reclassification"] = exclusionary_reclassification(signals.logits, signals.labels, held_out)
         combined = combine(list(detections.values()), self.rule)
+        if self.restarted and self.action == "exclude":
+            # Never trained on since the restart, so the model's answer on them is out of sample.
+            held_out = self._owned & ~self._seen
+            reclassified = exclusionary_reclassification(signals.logits, signals.labels, held_out)
+            detections["reclassification"] = reclassified
+            combined = combined._replace(flags=combined.flags | reclassified.flags)
         flags = trainer.strategy.broadcast(combined.flags, src=0)
         if bool(flags.all()):
             raise RuntimeError(
@@ -341,13 +373,9 @@ class PoisonFilter(Callback):
         self.flags, self.scores = flags.clone(), trainer.strategy.broadcast(combined.scores, src=0)
         self.sources = _sources(detections, flags)
         if self.action == "exclude":
-            self._data.include(self._data.excluded_ids)
-            self._data.exclude(flags.nonzero().flatten())
+            self._exclude(flags)
         if self._initial is not None and bool(flags.any()):
-            _load_training_state(trainer, pl_module, self._initial)
-            self._initial = None
-            self.extended_by = epoch
-            self._extend(trainer, epoch)
+            self._restart(trainer, pl_module, epoch)
             rank_zero_only(log.info)(
                 "PoisonFilter restarted the model from its initial state at epoch %d; the run goes on for %d more "
                 "epochs, so that it trains max_epochs epochs without the flagged samples.",
@@ -357,6 +385,24 @@ class PoisonFilter(Callback):
         self.rounds.append(self._summary(epoch, signals.labels))
         self._log(pl_module, self.rounds[-1])
         self._write_csv(trainer, signals.labels)
+
+    def _exclude(self, flags: Tensor) -> None:
+        """Exclude the flagged samples and bring back the ones this filter excluded that are no longer flagged."""
+        comeback, new = self._owned & ~flags, flags & ~self._data.excluded
+        self._data.include(comeback.nonzero().flatten())
+        self._data.exclude(new.nonzero().flatten())
+        self._owned = (self._owned & flags) | new
+
+    def _restart(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        load_training_state(trainer, pl_module, self._initial)
+        self._initial = None
+        self._seen = torch.zeros_like(self._seen)
+        self.extended_by = epoch
+        self._extend(trainer, epoch)
+        # Now, for an EarlyStopping that already judged this epoch, and again when the next epoch
+        # starts, for one that judges after this callback (it then saw the old model's score).
+        reset_early_stopping(trainer)
+        self._reset_stopping_next_epoch = True
 
     @torch.no_grad()
     def _signals(self, trainer: Trainer, pl_module: LightningModule) -> Signals:
@@ -375,12 +421,13 @@ class PoisonFilter(Callback):
         )
 
     def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        if trainer.val_dataloaders is None and is_overridden("val_dataloader", self._data, LightningDataModule):
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()  # no validation has run yet
         loaders = trainer.val_dataloaders
         if loaders is None:
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            loaders = trainer.val_dataloaders
-        if loaders is None:
             return {}
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         parts = [self._embed(trainer, pl_module, loader, with_ids=False) for loader in loaders]
         return {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
@@ -397,8 +444,11 @@ class PoisonFilter(Callback):
                     rows["ids"].append(ids)
                 batch = pl_module._apply_batch_transfer_handler(batch)
                 self._captured, self._recording = {}, True
-                pl_module(get_field(batch, self._key(batch, "input")))
+                precision = trainer.precision_plugin
+                with precision.forward_context():
+                    pl_module(precision.convert_input(get_field(batch, self._key(batch, "input"))))
                 self._recording = False
+                self._check_captured(pl_module)
                 rows["features"].append(self._captured["features"].float().cpu())
                 rows["logits"].append(self._captured["logits"].float().cpu())
                 rows["labels"].append(torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().cpu())
@@ -406,6 +456,19 @@ class PoisonFilter(Callback):
             self._recording = False
             pl_module.train(was_training)
         return {key: _gather(trainer, torch.cat(parts)) for key, parts in rows.items() if parts}
+
+    def _check_captured(self, pl_module: LightningModule) -> None:
+        if "logits" not in self._captured:
+            raise TypeError(
+                f"PoisonFilter reads the logits from {type(pl_module).__name__}.forward(x), which must return a 2-D "
+                "tensor (batch, classes); it returned something else. Return the logits from forward (and compute "
+                "anything else in training_step)."
+            )
+        if "features" not in self._captured:
+            raise RuntimeError(
+                f"PoisonFilter's feature hook ({self.layer or 'the classifier head input'}) did not run during "
+                f"{type(pl_module).__name__}.forward(x). Pass layer='<name of a submodule forward uses>'."
+            )
 
     def _key(self, batch: Any, role: str) -> Key:
         return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)
@@ -448,9 +511,9 @@ class PoisonFilter(Callback):
         )
 
     def _write_csv(self, trainer: Trainer, labels: Tensor) -> None:
+        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective
         if not trainer.is_global_zero:
             return
-        folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "flagged.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -471,6 +534,8 @@ class PoisonFilter(Callback):
             "margin_count": self._margin_count.clone(),
             "initial": self._initial,
             "extended_by": self.extended_by,
+            "owned": self._owned.clone(),
+            "seen": self._seen.clone(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -481,6 +546,7 @@ class PoisonFilter(Callback):
         self._margin_sum, self._margin_count = state_dict["margin_sum"].clone(), state_dict["margin_count"].clone()
         self._initial = state_dict["initial"]
         self.extended_by = state_dict["extended_by"]
+        self._owned, self._seen = state_dict["owned"].clone(), state_dict["seen"].clone()
 
 
 def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:
@@ -490,25 +556,6 @@ def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: st
     if not built:
         raise ValueError(f"PoisonFilter needs at least one detector in {what}.")
     return built
-
-
-def _training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """Copies of the weights, optimizer and scheduler states, to restart from."""
-    return copy.deepcopy(
-        {
-            "model": pl_module.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
-            "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
-        }
-    )
-
-
-def _load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
-    pl_module.load_state_dict(state["model"])
-    for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
-        optimizer.load_state_dict(saved)
-    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
-        config.scheduler.load_state_dict(saved)
 
 
 def _gather(trainer: Trainer, rows: Tensor) -> Tensor:

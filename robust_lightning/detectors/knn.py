@@ -122,6 +122,7 @@ class ReferenceKNN:
     """
 
     name = "reference_knn"
+    needs_reference = True
 
     def __init__(self, k: int = 1) -> None:
         if isinstance(k, bool) or int(k) != k or k < 1:

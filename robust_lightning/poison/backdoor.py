@@ -84,7 +84,10 @@ class BackdoorTrigger(InputPoison):
         super().__init__(rate, seed)
         if int(size) < 1:
             raise ValueError(f"The trigger size must be a positive integer, got {size!r}.")
-        stamp_trigger(torch.zeros(int(size), int(size)), int(size), location, value)  # checks location early
+        if isinstance(location, str) and location not in CORNERS:
+            raise ValueError(f"location must be one of {CORNERS} or a (row, column) tuple, got {location!r}.")
+        if not isinstance(location, str) and any(int(v) < 0 for v in location):
+            raise ValueError(f"A trigger location must be non-negative, got {tuple(location)}.")
         self.target, self.size, self.location, self.value = int(target), int(size), location, float(value)
 
     def choose(self, labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:

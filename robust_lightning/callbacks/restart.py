@@ -1,0 +1,40 @@
+"""Save and restore a run's training state, for restarting the model in the middle of fit."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
+
+
+def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Copies of the weights, optimizer and scheduler states, to restart from."""
+    return copy.deepcopy(
+        {
+            "model": pl_module.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        }
+    )
+
+
+def load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
+    pl_module.load_state_dict(state["model"])
+    for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+        config.scheduler.load_state_dict(saved)
+
+
+def reset_early_stopping(trainer: Trainer) -> None:
+    """Let EarlyStopping judge the restarted model on its own: its best score so far belongs to the old one."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping):
+            if callback.stopped_epoch:  # it stopped the old model in this very epoch
+                trainer.should_stop = False
+            callback.wait_count = 0
+            callback.stopped_epoch = 0
+            callback.best_score = torch.tensor(torch.inf if callback.monitor_op == torch.lt else -torch.inf)
