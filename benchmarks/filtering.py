@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,7 @@ DEFENCES = ("none", "filter", "oracle", "cleanlab", "art_spectral", "art_cluster
 EPOCHS = 40
 DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
 MARK = "<!-- filtering benchmark table -->"
+SCRATCH = Path(tempfile.gettempdir()) / "robust-lightning-benchmark"
 
 
 def trainer(callbacks=()) -> pl.Trainer:
@@ -55,6 +57,7 @@ def trainer(callbacks=()) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
+        default_root_dir=SCRATCH,  # PoisonFilter's flagged.csv, away from the working folder
     )
 
 
