@@ -32,16 +32,16 @@ def fit_with_filter(tmp_path, filter_, epochs=6, callbacks=(), **kwargs):
 
 
 class InitialWeights(Callback):
-    """Records the weights at the start of fit and right after each of the filter's rounds."""
+    """Records the weights at the start of fit, and at the start of each epoch (after the filter's hook)."""
 
     def __init__(self):
-        self.after_round = {}
+        self.at_start = {}
 
     def on_fit_start(self, trainer, pl_module):
         self.initial = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.after_round[trainer.current_epoch + 1] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.at_start[trainer.current_epoch + 1] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
 def test_the_filter_screens_restarts_confirms_and_reports(tmp_path):
@@ -51,8 +51,9 @@ def test_the_filter_screens_restarts_confirms_and_reports(tmp_path):
     assert (screen["epoch"], screen["restarted"]) == (5, True) and screen["recall"] >= 0.98
     assert [r["epoch"] for r in confirm] == [10, 15] and not any(r["restarted"] for r in confirm)
     assert trainer.current_epoch == 15 and filter_.extended_by == 5, "10 epochs after the restart"
-    restarted = weights.after_round[5]
-    assert all(torch.equal(restarted[k], weights.initial[k]) for k in restarted), "back to the initial weights"
+    restarted, before = weights.at_start[6], weights.at_start[5]
+    assert all(torch.equal(restarted[k], weights.initial[k]) for k in restarted), "epoch 6 starts from the start"
+    assert not all(torch.equal(before[k], weights.initial[k]) for k in before)
     last = confirm[-1]
     assert last["f1"] >= 0.85 and last["recall"] >= 0.95, last
     assert last["flagged"] < screen["flagged"], "the confirming rounds give the screen's false alarms back"
@@ -312,3 +313,23 @@ def test_a_second_fit_with_the_same_callback_starts_afresh(tmp_path):
     fit_with_filter(tmp_path, filter_, epochs=1)
     trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=1)
     assert [r["epoch"] for r in filter_.rounds] == [1, 2] and trainer.current_epoch == 2
+
+
+def test_the_restart_epochs_checkpoint_holds_the_model_its_score_belongs_to(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    keep = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_top_k=-1, filename="{epoch}")
+    fit_with_filter(tmp_path, filter_, epochs=2, callbacks=[keep], enable_checkpointing=True)
+    restart_epoch = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)
+    model = SmallCNN()
+    model.load_state_dict(restart_epoch["state_dict"])
+    x, y = _val()
+    accuracy = float((model(x).argmax(1) == y).float().mean())
+    assert accuracy == pytest.approx(float(keep.best_k_models[str(tmp_path / "epoch=1.ckpt")]), abs=1e-6)
+
+
+def _val():
+    digits = DigitsDataModule()
+    digits.setup("fit")
+    return digits.val_set.tensors

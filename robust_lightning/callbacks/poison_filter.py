@@ -94,8 +94,9 @@ class PoisonFilter(Callback):
     **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
     detectors, tuned for recall, flag suspects. A model keeps what it learned from them (a
     memorised flip, a backdoor) even once they are excluded, so with ``restart=True`` (unless
-    ``action="report"``) the weights, optimizer and schedulers then go back to their state at the
-    start of fit, and the run is extended by the epochs spent (``max_steps`` by the steps), so that
+    ``action="report"``) the weights, optimizer and schedulers go back to their state at the start
+    of fit when the next epoch starts (so the checkpoints of this epoch still hold the model their
+    scores belong to), and the run is extended by the epochs spent (``max_steps`` by the steps), so that
     the restarted model trains ``max_epochs`` epochs without the suspects; the smaller filtered
     epochs pay for most of it. ``EarlyStopping`` starts counting afresh; a ``ModelCheckpoint``
     "best" score from before the restart is kept, so monitor a metric the restarted model will beat
@@ -195,7 +196,7 @@ class PoisonFilter(Callback):
         self._handles: list[Any] = []
         self._swap: CriterionSwap | None = None
         self._data: RobustDataModule | None = None
-        self._extension_applied = self._reset_stopping_next_epoch = False
+        self._extension_applied = False
         self._reset()
 
     def _reset(self) -> None:
@@ -210,6 +211,7 @@ class PoisonFilter(Callback):
         self._owned: Tensor | None = None  # the ids this filter excluded (others' exclusions are left alone)
         self._seen: Tensor | None = None  # ids trained on since the restart
         self._initial: dict[str, Any] | None = None
+        self._restart_pending = False
 
     @property
     def state_key(self) -> str:
@@ -296,11 +298,6 @@ class PoisonFilter(Callback):
         if self._recording and isinstance(output, Tensor) and output.ndim == 2:
             self._captured["logits"] = output.detach()
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._reset_stopping_next_epoch:
-            reset_early_stopping(trainer)
-            self._reset_stopping_next_epoch = False
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._captured = {}
         self._recording = self._trainer_training = True
@@ -310,13 +307,14 @@ class PoisonFilter(Callback):
     ) -> None:
         self._recording = self._trainer_training = False
         ids = self._data.batch_ids
+        if ids is not None:
+            self._seen[ids] = True  # trained on, whether or not training_step went through forward
         logits = self._captured.get("logits")
         if logits is None or ids is None or len(logits) != len(ids):
             return  # a step whose last forward was not over this batch (e.g. an attack's): nothing to record
         labels = torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().to(logits.device)
         self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).cpu())
         self._epoch_count.index_add_(0, ids, torch.ones(len(ids)))
-        self._seen[ids] = True
 
     def _batch_weights(self, batch_size: int) -> Tensor | None:
         ids = self._data.batch_ids
@@ -375,13 +373,7 @@ class PoisonFilter(Callback):
         if self.action == "exclude":
             self._exclude(flags)
         if self._initial is not None and bool(flags.any()):
-            self._restart(trainer, pl_module, epoch)
-            rank_zero_only(log.info)(
-                "PoisonFilter restarted the model from its initial state at epoch %d; the run goes on for %d more "
-                "epochs, so that it trains max_epochs epochs without the flagged samples.",
-                epoch,
-                trainer.fit_loop.max_epochs - epoch,
-            )
+            self._plan_restart(trainer, epoch)
         self.rounds.append(self._summary(epoch, signals.labels))
         self._log(pl_module, self.rounds[-1])
         self._write_csv(trainer, signals.labels)
@@ -393,16 +385,26 @@ class PoisonFilter(Callback):
         self._data.exclude(new.nonzero().flatten())
         self._owned = (self._owned & flags) | new
 
-    def _restart(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        load_training_state(trainer, pl_module, self._initial)
-        self._initial = None
-        self._seen = torch.zeros_like(self._seen)
+    def _plan_restart(self, trainer: Trainer, epoch: int) -> None:
+        """Restart when the next epoch starts, so that this epoch's checkpoints hold the model its scores belong to."""
+        self._restart_pending = True
         self.extended_by = epoch
         self._extend(trainer, epoch)
-        # Now, for an EarlyStopping that already judged this epoch, and again when the next epoch
-        # starts, for one that judges after this callback (it then saw the old model's score).
-        reset_early_stopping(trainer)
-        self._reset_stopping_next_epoch = True
+        reset_early_stopping(trainer)  # one that judged this epoch before this callback must not end the run
+        rank_zero_only(log.info)(
+            "PoisonFilter restarts the model from its initial state after epoch %d; the run goes on for %d more "
+            "epochs, so that it trains max_epochs epochs without the flagged samples.",
+            epoch,
+            trainer.fit_loop.max_epochs - epoch,
+        )
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._restart_pending:
+            return
+        load_training_state(trainer, pl_module, self._initial)
+        self._initial, self._restart_pending = None, False
+        self._seen = torch.zeros_like(self._seen)
+        reset_early_stopping(trainer)  # its best score so far belongs to the old model
 
     @torch.no_grad()
     def _signals(self, trainer: Trainer, pl_module: LightningModule) -> Signals:
@@ -536,6 +538,7 @@ class PoisonFilter(Callback):
             "extended_by": self.extended_by,
             "owned": self._owned.clone(),
             "seen": self._seen.clone(),
+            "restart_pending": self._restart_pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -547,6 +550,7 @@ class PoisonFilter(Callback):
         self._initial = state_dict["initial"]
         self.extended_by = state_dict["extended_by"]
         self._owned, self._seen = state_dict["owned"].clone(), state_dict["seen"].clone()
+        self._restart_pending = state_dict["restart_pending"]
 
 
 def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:
