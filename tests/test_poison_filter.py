@@ -333,3 +333,9 @@ def _val():
     digits = DigitsDataModule()
     digits.setup("fit")
     return digits.val_set.tensors
+
+
+def test_a_step_bounded_run_gets_back_the_optimizer_steps_spent_before_the_restart(tmp_path):
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=-1, max_steps=60, accumulate_grad_batches=4)
+    assert filter_._extended_steps == 2 * 6 and trainer.max_steps == 60 + 12 and trainer.global_step == 72

@@ -98,7 +98,9 @@ class PoisonFilter(Callback):
     of fit when the next epoch starts (so the checkpoints of this epoch still hold the model their
     scores belong to), and the run is extended by the epochs spent (``max_steps`` by the steps), so that
     the restarted model trains ``max_epochs`` epochs without the suspects; the smaller filtered
-    epochs pay for most of it. ``EarlyStopping`` starts counting afresh; a ``ModelCheckpoint``
+    epochs pay for most of it. ``EarlyStopping`` starts counting afresh (but one that stops the run
+    in the restart epoch itself, e.g. by ``stopping_threshold`` on the old model, ends it before
+    the restart); a ``ModelCheckpoint``
     "best" score from before the restart is kept, so monitor a metric the restarted model will beat
     or use ``save_last``. The schedule counts again from the restart: a round runs after
     ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
@@ -206,6 +208,7 @@ class PoisonFilter(Callback):
         self.sources: list[str] = []
         self.rounds: list[dict[str, Any]] = []
         self.extended_by = 0
+        self._extended_steps = 0
         self._margin_sum: Tensor | None = None
         self._margin_count: Tensor | None = None
         self._owned: Tensor | None = None  # the ids this filter excluded (others' exclusions are left alone)
@@ -269,15 +272,15 @@ class PoisonFilter(Callback):
         # Resumed after a restart: in on_fit_start, before Lightning checks the checkpoint's epoch
         # against max_epochs, or here for strategies that restore callbacks only after on_fit_start.
         if self.extended_by and not self._extension_applied:
-            self._extend(trainer, self.extended_by)
+            self._extend(trainer)
 
-    def _extend(self, trainer: Trainer, epochs: int) -> None:
-        """Give the restarted model back the epochs (and steps) spent before the restart."""
+    def _extend(self, trainer: Trainer) -> None:
+        """Give the restarted model back the epochs and optimizer steps spent before the restart."""
         loop = trainer.fit_loop
         if loop.max_epochs is not None and loop.max_epochs > 0:
-            loop.max_epochs += epochs
+            loop.max_epochs += self.extended_by
         if loop.epoch_loop.max_steps > 0:
-            loop.epoch_loop.max_steps += epochs * trainer.num_training_batches
+            loop.epoch_loop.max_steps += self._extended_steps
         self._extension_applied = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -388,8 +391,8 @@ class PoisonFilter(Callback):
     def _plan_restart(self, trainer: Trainer, epoch: int) -> None:
         """Restart when the next epoch starts, so that this epoch's checkpoints hold the model its scores belong to."""
         self._restart_pending = True
-        self.extended_by = epoch
-        self._extend(trainer, epoch)
+        self.extended_by, self._extended_steps = epoch, trainer.global_step
+        self._extend(trainer)
         reset_early_stopping(trainer)  # one that judged this epoch before this callback must not end the run
         rank_zero_only(log.info)(
             "PoisonFilter restarts the model from its initial state after epoch %d; the run goes on for %d more "
@@ -536,6 +539,7 @@ class PoisonFilter(Callback):
             "margin_count": self._margin_count.clone(),
             "initial": self._initial,
             "extended_by": self.extended_by,
+            "extended_steps": self._extended_steps,
             "owned": self._owned.clone(),
             "seen": self._seen.clone(),
             "restart_pending": self._restart_pending,
@@ -548,7 +552,7 @@ class PoisonFilter(Callback):
         self.sources, self.rounds = list(state_dict["sources"]), list(state_dict["rounds"])
         self._margin_sum, self._margin_count = state_dict["margin_sum"].clone(), state_dict["margin_count"].clone()
         self._initial = state_dict["initial"]
-        self.extended_by = state_dict["extended_by"]
+        self.extended_by, self._extended_steps = state_dict["extended_by"], state_dict["extended_steps"]
         self._owned, self._seen = state_dict["owned"].clone(), state_dict["seen"].clone()
         self._restart_pending = state_dict["restart_pending"]
 
