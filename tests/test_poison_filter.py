@@ -229,6 +229,7 @@ def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
         torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=3),
         torch.nn.CrossEntropyLoss(reduction="sum"),
         torch.nn.NLLLoss(weight=torch.linspace(2.0, 0.5, 10)),
+        torch.nn.KLDivLoss(reduction="batchmean"),
     ],
 )
 def test_unit_weights_give_back_the_loss_exactly_and_weights_reweight_each_sample(loss):
@@ -237,6 +238,8 @@ def test_unit_weights_give_back_the_loss_exactly_and_weights_reweight_each_sampl
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(12, 10, generator=g).log_softmax(1)
     target = torch.randint(0, 10, (12,), generator=g)
+    if isinstance(loss, torch.nn.KLDivLoss):
+        target = torch.randn(12, 10, generator=g).softmax(1)
     expected, first_four = loss(logits, target), loss(logits[:4], target[:4])
     weights = {"now": torch.ones(12)}
     swap = CriterionSwap(module, lambda n: weights["now"], by="test")

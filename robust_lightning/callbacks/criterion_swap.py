@@ -59,20 +59,30 @@ class CriterionSwap:
         self.loss, self.weights = loss, weights
 
     def apply(self) -> None:
-        self.loss.forward = self._forward
+        self._previous = vars(self.loss).get("forward")  # a compiled loss keeps its forward on the instance
+        self._own = self.loss.forward
+        self._installed = self._forward
+        self.loss.forward = self._installed
 
     def restore(self) -> None:
-        vars(self.loss).pop("forward", None)
+        if vars(self.loss).get("forward") is not getattr(self, "_installed", None):
+            return
+        if self._previous is None:
+            del self.loss.forward
+        else:
+            self.loss.forward = self._previous
 
-    def _forward(self, input: Tensor, target: Tensor) -> Tensor:
-        own_forward = type(self.loss).forward
+    def _forward(self, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:
         weights = self.weights(len(target))
         if weights is None:
-            return own_forward(self.loss, input, target)
+            return self._own(input, target, *args, **kwargs)
         reduction = self.loss.reduction
         self.loss.reduction = "none"
         try:
-            terms = own_forward(self.loss, input, target)
+            terms = self._own(input, target, *args, **kwargs)
         finally:
             self.loss.reduction = reduction
+        if reduction == "batchmean":  # KLDivLoss: the sum over a sample's elements, averaged over samples
+            weights = weights.to(terms.device, terms.dtype)
+            return (terms.reshape(len(weights), -1).sum(1) * weights).sum() / weights.sum().clamp_min(1e-12)
         return reweighted(terms, weights, reduction, mean_denominators(self.loss, target, terms))

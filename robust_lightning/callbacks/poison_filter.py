@@ -226,8 +226,7 @@ class PoisonFilter(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.ckpt_path is None:
-            self._reset()
+        self._reset()  # a resumed run gets its state back after setup, from the checkpoint
         self._data = RobustDataModule.from_trainer(trainer)
         self._check_reference(trainer)
         feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module)
