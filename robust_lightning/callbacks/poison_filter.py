@@ -484,11 +484,9 @@ class PoisonFilter(Callback):
         return any(r["restarted"] for r in self.rounds)
 
     def _summary(self, epoch: int, labels: Tensor) -> dict[str, Any]:
-        names = self._class_names()
         per_class = torch.bincount(labels[self.flags], minlength=self._data.num_classes).tolist()
-        restarted = self.restart and self.action != "report" and not self.restarted and bool(self.flags.any())
-        summary: dict[str, Any] = {"epoch": epoch, "flagged": int(self.flags.sum()), "restarted": restarted}
-        summary["per_class"] = dict(zip(names, per_class))
+        summary: dict[str, Any] = {"epoch": epoch, "flagged": int(self.flags.sum()), "restarted": self._restart_pending}
+        summary["per_class"] = {str(cls): count for cls, count in enumerate(per_class)}
         truth = self._data.poison_mask
         if truth is not None:
             hits = int((self.flags & truth).sum())
@@ -498,9 +496,6 @@ class PoisonFilter(Callback):
                 precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12)
             )
         return summary
-
-    def _class_names(self) -> list[str]:
-        return [str(c) for c in range(self._data.num_classes)]
 
     def _log(self, pl_module: LightningModule, summary: dict[str, Any]) -> None:
         values = {"filter/flagged": float(summary["flagged"])}
