@@ -13,24 +13,20 @@ samples after training, and the model is then retrained without them.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from common import load, mean, quiet, save, trainer, write_doc
 from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
 from robust_lightning.data import DigitsDataModule
+from robust_lightning.detectors import detection_quality
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import BackdoorTrigger, PairFlip, SymmetricNoise
 
@@ -44,21 +40,6 @@ DEFENCES = ("none", "filter", "oracle", "cleanlab", "art_spectral", "art_cluster
 EPOCHS = 40
 DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
 MARK = "<!-- filtering benchmark table -->"
-SCRATCH = Path(tempfile.gettempdir()) / "robust-lightning-benchmark"
-
-
-def trainer(callbacks=()) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        default_root_dir=SCRATCH,  # PoisonFilter's flagged.csv, away from the working folder
-    )
 
 
 def fit(seed: int, poison, callbacks=(), keep: torch.Tensor | None = None):
@@ -70,7 +51,7 @@ def fit(seed: int, poison, callbacks=(), keep: torch.Tensor | None = None):
         data.setup("fit")
         data.exclude((~keep).nonzero().flatten())
     start = time.perf_counter()
-    trainer(callbacks).fit(model, datamodule=data)
+    trainer(EPOCHS, callbacks).fit(model, datamodule=data)
     return model, data, time.perf_counter() - start
 
 
@@ -89,10 +70,7 @@ def outcome(model, data: RobustDataModule, poison, flagged: torch.Tensor | None,
     if flagged is not None:
         row["removed"] = float(flagged.float().mean())
     if flagged is not None and data.poison_mask is not None:
-        truth = data.poison_mask
-        hits = float((flagged & truth).sum())
-        precision, recall = hits / max(float(flagged.sum()), 1), hits / max(float(truth.sum()), 1)
-        row.update(precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12))
+        row.update(detection_quality(flagged, data.poison_mask))
     return row
 
 
@@ -179,11 +157,6 @@ RUNNERS = {
 }
 
 
-def mean(rows: list[dict], key: str) -> float | None:
-    values = [row[key] for row in rows if key in row]
-    return statistics.fmean(values) if values else None
-
-
 def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
     lines = [
         f"Means over seeds {seeds}; time is wall time relative to the same scenario with no defence.",
@@ -209,12 +182,6 @@ def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    start, end = doc.index(MARK) + len(MARK), doc.rindex(MARK)
-    DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -225,13 +192,8 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
     args = parser.parse_args()
     if args.merge:
-        saved = [json.loads(path.read_text()) for path in args.merge]
-        results = {tuple(key.split(" | ")): rows for part in saved for key, rows in part["results"].items()}
-        return publish(results, saved[0]["seeds"], args.no_doc)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("robust_lightning").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+        return publish(*load(args.merge), args.no_doc)
+    quiet()
     results: dict[tuple[str, str], list[dict]] = {}
     for scenario in args.scenarios:
         for seed in args.seeds:
@@ -240,9 +202,7 @@ def main() -> None:
                 results.setdefault((scenario, defence), []).append(row)
                 print(scenario, defence, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:
-        args.save.write_text(
-            json.dumps({"seeds": args.seeds, "results": {" | ".join(k): v for k, v in results.items()}})
-        )
+        save(args.save, args.seeds, results)
     publish(results, args.seeds, args.no_doc)
 
 
@@ -250,7 +210,7 @@ def publish(results: dict[tuple[str, str], list[dict]], seeds: list[int], print_
     text = table(results, seeds)
     print(text)
     if not print_only:
-        write_doc(text)
+        write_doc(DOC, MARK, text)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from robust_lightning.callbacks import PerClassMetrics, PoisonFilter
+from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustLoss
 from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
 from robust_lightning.poison import BackdoorTrigger
@@ -32,6 +33,7 @@ KNOWN_KEYS = {
     "trainer",
     "poison",
     "filter",
+    "loss",
     "callbacks",
     "logger",
     "robust",
@@ -87,6 +89,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     if cfg.get("filter"):
         callbacks.append(instantiate(cfg.filter))
+    if cfg.get("loss"):
+        callbacks.append(RobustLoss(instantiate(cfg.loss)))
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
     )
@@ -96,6 +100,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # Under ddp_spawn the parent holds the trained weights too: Lightning copies them back.
         results["test/attack_success_rate"] = poison.attack_success_rate(model, _test_set(datamodule))
     if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
     return results
 
@@ -121,6 +126,11 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
     if "test/attack_success_rate" in results:
         lines.append(f"Attack success rate on the triggered test set: {100 * results['test/attack_success_rate']:.1f}%")
     lines += _filter_lines(next((c for c in callbacks if isinstance(c, PoisonFilter)), None))
+    lines += [
+        f"Trained with {type(c.loss).__name__} in place of the module's {c.attr} (RobustLoss)."
+        for c in callbacks
+        if isinstance(c, RobustLoss)
+    ]
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts)
     lines += [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
     return "\n".join(lines)

@@ -106,7 +106,7 @@ def test_a_datamodule_that_overrides_the_batch_transfer_hooks_keeps_working():
 
 def test_reading_ids_without_the_wrapper_says_how_to_wrap():
     model = RecordingClassifier()
-    with pytest.raises(RuntimeError, match=r"RobustDataModule\(your_datamodule\)"):
+    with pytest.raises(TypeError, match=r"RobustDataModule\(your_datamodule\)"):
         Trainer(**trainer_kwargs()).fit(model, datamodule=StructuredDigits())
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 SCRIPT = shutil.which("robust-lightning", path=str(Path(sys.executable).parent)) or shutil.which("robust-lightning")
@@ -50,9 +51,10 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
     result = cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     for line in (
-        "recipe: digits_backdoor, digits_clean, digits_pairflip, digits_sym40",
+        "recipe: digits_backdoor, digits_clean, digits_loss_sweep, digits_pairflip, digits_sym40, digits_sym40_elr",
         "poison: backdoor, pair_flip, symmetric",
         "filter: default",
+        "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, nce_rce, sce, taylor",
         "data: digits",
         "model: small_cnn",
         "trainer: default",
@@ -75,11 +77,12 @@ def test_another_recipe_runs(tmp_path):
         ("+seeed=1", "Unknown config key(s): 'seeed' (did you mean 'seed'?)"),
         ("filter.start_epoch=0", "start_epoch must be an integer >= 1"),
         ("poison.rate=-0.1", "A poison rate must lie in [0, 1), got -0.1"),
+        ("loss=gce loss.q=0", "q must lie in (0.0, 1.0], got 0"),
         ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
     ],
 )
 def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
-    result = cli(override, *FAST, cwd=tmp_path)
+    result = cli(*override.split(), *FAST, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
 
@@ -96,11 +99,35 @@ def test_the_default_recipe_runs_under_two_process_ddp(tmp_path):
     assert (run_folder(result.stdout) / "checkpoints" / "last.ckpt").exists()
 
 
-@pytest.mark.parametrize("recipe", ["digits_backdoor", "digits_sym40"])
+@pytest.mark.parametrize("recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr"])
 def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
     fast = ["trainer.max_epochs=3", "filter.start_epoch=2", "trainer.enable_progress_bar=false"]
     result = cli(f"recipe={recipe}", *fast, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PoisonFilter flagged" in result.stdout and "against the drill" in result.stdout
     assert ("Attack success rate on the triggered test set" in result.stdout) == (recipe == "digits_backdoor")
+    assert ("Trained with ELRLoss in place of the module's criterion" in result.stdout) == recipe.endswith("_elr")
     assert (run_folder(result.stdout) / "flagged.csv").read_text().startswith("id,label,score,detector")
+
+
+def test_a_robust_loss_set_directly_as_the_models_criterion(tmp_path):
+    elr = ["model.criterion._target_=robust_lightning.losses.ELRLoss", "+model.criterion.num_classes=10"]
+    result = cli(*elr, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run_folder(result.stdout) / "checkpoints" / "last.ckpt", weights_only=False)
+    targets = checkpoint["state_dict"]["criterion.ema_targets"]
+    assert targets.shape == (1293, 10) and (targets.sum(1) > 0).all(), "every sample's target, from the ids"
+
+
+def test_the_loss_sweep_writes_one_summary_table(tmp_path):
+    sweep = ["-m", "recipe=digits_loss_sweep", "loss=ce,gce", "poison.rate=0.2,0.6"]
+    result = cli(*sweep, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary,) = (tmp_path / "multirun").glob("*/summary.md")
+    lines = summary.read_text().splitlines()
+    assert lines[1] == "| loss | poison.rate=0.2 | poison.rate=0.6 |"
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| ce", "| gce"]
+    accuracies = [float(cell) for line in lines[3:] for cell in line.strip("| ").split(" | ")[1:]]
+    assert len(accuracies) == 4 and all(0 < a <= 100 for a in accuracies)
+    rows = (summary.parent / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("loss,poison.rate,test/acc") and len(rows) == 5

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
-from robust_lightning.callbacks.criterion_swap import CriterionSwap
+from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import PairFlip
@@ -148,7 +148,7 @@ def test_the_criterion_comes_back_when_fit_fails(tmp_path):
 
 
 def test_the_filter_needs_robust_data_module_and_says_so():
-    with pytest.raises(RuntimeError, match="RobustDataModule"):
+    with pytest.raises(TypeError, match="PoisonFilter needs sample ids, which come from RobustDataModule"):
         Trainer(**trainer_kwargs(callbacks=[PoisonFilter()])).fit(SmallCNN(), datamodule=DigitsDataModule())
 
 
@@ -242,12 +242,13 @@ def test_unit_weights_give_back_the_loss_exactly_and_weights_reweight_each_sampl
         target = torch.randn(12, 10, generator=g).softmax(1)
     expected, first_four = loss(logits, target), loss(logits[:4], target[:4])
     weights = {"now": torch.ones(12)}
-    swap = CriterionSwap(module, lambda n: weights["now"], by="test")
-    swap.apply()
+    swap = CriterionSwap.of(module, by="test")
+    reweight = Reweight(swap, lambda n: weights["now"])
+    swap.add(reweight)
     assert torch.allclose(module.criterion(logits, target), expected)
     weights["now"] = (torch.arange(12) < 4).float()
     assert torch.allclose(module.criterion(logits, target), first_four)
-    swap.restore()
+    swap.remove(reweight)
     assert "forward" not in vars(module.criterion) and torch.allclose(module.criterion(logits, target), expected)
 
 

@@ -2,5 +2,6 @@
 
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.callbacks.poison_filter import PoisonFilter
+from robust_lightning.callbacks.robust_loss import RobustLoss
 
-__all__ = ["PerClassMetrics", "PoisonFilter"]
+__all__ = ["PerClassMetrics", "PoisonFilter", "RobustLoss"]

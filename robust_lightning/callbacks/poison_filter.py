@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 from torchmetrics import Metric
 
-from robust_lightning.callbacks.criterion_swap import CriterionSwap
+from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
 from robust_lightning.callbacks.restart import load_training_state, reset_early_stopping, training_state
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.robust import RobustDataModule
@@ -29,6 +29,7 @@ from robust_lightning.detectors import (
     Signals,
     SpectralSignatures,
     combine,
+    detection_quality,
     exclusionary_reclassification,
     margins_of,
 )
@@ -197,6 +198,7 @@ class PoisonFilter(Callback):
         self._recording = self._trainer_training = False
         self._handles: list[Any] = []
         self._swap: CriterionSwap | None = None
+        self._reweight: Reweight | None = None
         self._data: RobustDataModule | None = None
         self._extension_applied = False
         self._reset()
@@ -227,7 +229,7 @@ class PoisonFilter(Callback):
         if stage != "fit":
             return
         self._reset()  # a resumed run gets its state back after setup, from the checkpoint
-        self._data = RobustDataModule.from_trainer(trainer)
+        self._data = RobustDataModule.from_trainer(trainer, by="PoisonFilter")
         self._check_reference(trainer)
         feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module)
         self._handles = [
@@ -235,7 +237,8 @@ class PoisonFilter(Callback):
             pl_module.register_forward_hook(self._record_logits),
         ]
         if self.action == "weight":
-            self._swap = CriterionSwap(pl_module, self._batch_weights, by="PoisonFilter(action='weight')")
+            self._swap = CriterionSwap.of(pl_module, by="PoisonFilter(action='weight')")
+            self._reweight = Reweight(self._swap, self._batch_weights)
 
     def _check_reference(self, trainer: Trainer) -> None:
         """Detectors that compare with the trusted split need one: say so now, not after start_epoch epochs."""
@@ -261,7 +264,7 @@ class PoisonFilter(Callback):
         if self.restart and self.action != "report" and self._initial is None and not self.restarted:
             self._initial = training_state(trainer, pl_module)
         if self._swap is not None:
-            self._swap.apply()
+            self._swap.add(self._reweight)
         self.on_train_start(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -288,7 +291,7 @@ class PoisonFilter(Callback):
             handle.remove()
         self._handles = []
         if self._swap is not None:
-            self._swap.restore()
+            self._swap.remove(self._reweight)
 
     # ---------------------------------------------------------------- signals
     def _record_features(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -487,14 +490,8 @@ class PoisonFilter(Callback):
         per_class = torch.bincount(labels[self.flags], minlength=self._data.num_classes).tolist()
         summary: dict[str, Any] = {"epoch": epoch, "flagged": int(self.flags.sum()), "restarted": self._restart_pending}
         summary["per_class"] = {str(cls): count for cls, count in enumerate(per_class)}
-        truth = self._data.poison_mask
-        if truth is not None:
-            hits = int((self.flags & truth).sum())
-            precision = hits / max(int(self.flags.sum()), 1)
-            recall = hits / max(int(truth.sum()), 1)
-            summary.update(
-                precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12)
-            )
+        if self._data.poison_mask is not None:
+            summary.update(detection_quality(self.flags, self._data.poison_mask))
         return summary
 
     def _log(self, pl_module: LightningModule, summary: dict[str, Any]) -> None:

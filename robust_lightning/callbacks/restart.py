@@ -11,14 +11,24 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 
 def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """Copies of the weights, optimizer and scheduler states, to restart from."""
+    """Copies of the weights, optimizer and scheduler states, to restart from.
+
+    Also the states of callbacks with ``restarts_with_model = True``, whose state belongs to the
+    model's training (a RobustLoss's per-sample targets), so that a restarted model starts with
+    them afresh, as it does when the same loss is the module's own criterion.
+    """
     return copy.deepcopy(
         {
             "model": pl_module.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
             "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks if _restarts_with_model(c)},
         }
     )
+
+
+def _restarts_with_model(callback: Any) -> bool:
+    return getattr(callback, "restarts_with_model", False)
 
 
 def load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
@@ -27,6 +37,10 @@ def load_training_state(trainer: Trainer, pl_module: LightningModule, state: dic
         optimizer.load_state_dict(saved)
     for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
         config.scheduler.load_state_dict(saved)
+    saved_callbacks = state.get("callbacks", {})  # absent from checkpoints of earlier versions
+    for callback in trainer.callbacks:
+        if _restarts_with_model(callback) and callback.state_key in saved_callbacks:
+            callback.load_state_dict(saved_callbacks[callback.state_key])
 
 
 def reset_early_stopping(trainer: Trainer) -> None:

@@ -18,6 +18,7 @@ from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.loader import IdBatch, IndexedDataset, loader_shuffles, rebuild_loader
 from robust_lightning.data.sampler import ExclusionSampler
 from robust_lightning.data.validation import DataSummary, DataValidationError, SplitScan, scan_split, summarize
+from robust_lightning.losses.sample_state import PerSampleLoss
 from robust_lightning.poison.base import InputPoison, LabelPoison
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,12 @@ class RobustDataModule(LightningDataModule):
                 setattr(self, hook, getattr(datamodule, hook))
 
     @staticmethod
-    def from_trainer(trainer: Trainer) -> RobustDataModule:
-        """The RobustDataModule the trainer runs with; a clear error if there is none."""
+    def from_trainer(trainer: Trainer, by: str = "This") -> RobustDataModule:
+        """The RobustDataModule the trainer runs with; an error naming ``by`` and the fix if there is none."""
         datamodule = trainer.datamodule
         if not isinstance(datamodule, RobustDataModule):
-            raise RuntimeError(
-                "This needs sample ids, which come from RobustDataModule. Wrap your datamodule: "
+            raise TypeError(
+                f"{by} needs sample ids, which come from RobustDataModule. Wrap your datamodule: "
                 "trainer.fit(model, datamodule=RobustDataModule(your_datamodule))."
             )
         return datamodule
@@ -143,6 +144,7 @@ class RobustDataModule(LightningDataModule):
         self.datamodule.setup(stage)
         if stage == "fit":
             self._setup_train()
+            self._bind_per_sample_losses()
         elif stage in ("validate", "test") and self.validate:
             self._scan({"validate": "val", "test": "test"}[stage])
         if self.trainer is not None and all(
@@ -187,6 +189,13 @@ class RobustDataModule(LightningDataModule):
         self._excluded = torch.zeros(len(base), dtype=torch.bool)
         if self._restored_excluded is not None:
             self._apply_restored(self._restored_excluded)
+
+    def _bind_per_sample_losses(self) -> None:
+        """Give losses with per-sample state (e.g. ELRLoss as the module's criterion) this module's ids."""
+        if self.trainer is not None:
+            for loss in self.trainer.lightning_module.modules():
+                if isinstance(loss, PerSampleLoss):
+                    loss.bind(self)
 
     def _prepare_input_poison(self, base: Dataset, labels: Tensor) -> tuple[Key, Any]:
         input_key = resolve_key(base[0], self.input_key, "input")
@@ -289,6 +298,11 @@ class RobustDataModule(LightningDataModule):
         return batch
 
     # ------------------------------------------------------------ exclusion
+    @property
+    def current_epoch(self) -> int:
+        """The epoch being trained (0 before fit), for losses that change with training time."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     @property
     def num_train(self) -> int:
         return len(self._require_train())

@@ -4,7 +4,7 @@ Each detector is a class taking :class:`Signals` and returning a :class:`Detecti
 functional twin on plain tensors. :data:`DETECTORS` maps the names used in configs to classes.
 """
 
-from robust_lightning.detectors.base import Detection, Detector, Signals, margins_of
+from robust_lightning.detectors.base import Detection, Detector, Signals, detection_quality, margins_of
 from robust_lightning.detectors.clustering import ActivationClustering, activation_clustering, two_means
 from robust_lightning.detectors.combine import Ensemble, combine
 from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
@@ -34,6 +34,7 @@ __all__ = [
     "activation_clustering",
     "area_under_margin",
     "combine",
+    "detection_quality",
     "exclusionary_reclassification",
     "knn_label_consistency",
     "margins_of",

@@ -90,3 +90,16 @@ def check_positive(name: str, value: float) -> float:
 
 def no_flags(n: int) -> Detection:
     return Detection(torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+
+
+def detection_quality(flags: Tensor, truth: Tensor) -> dict[str, float]:
+    """Precision, recall and F1 of boolean ``flags`` against the ground-truth mask ``truth``.
+
+    Example:
+        >>> import torch
+        >>> detection_quality(torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False]))
+        {'precision': 0.5, 'recall': 0.5, 'f1': 0.5}
+    """
+    hits = int((flags & truth).sum())
+    precision, recall = hits / max(int(flags.sum()), 1), hits / max(int(truth.sum()), 1)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12)}

@@ -14,7 +14,7 @@ class SmallCNN(LightningModule):
     (97.5% clean test accuracy at seed 0), where 1e-3 stays near 93.6%.
 
     It knows nothing of robust-lightning: ``training_step`` does ``x, y = batch`` and the loss is
-    ``self.criterion``, which is what the callbacks rely on.
+    ``self.criterion`` (cross-entropy unless ``criterion`` is given), which is what the callbacks rely on.
 
     Example:
         >>> import torch
@@ -22,11 +22,13 @@ class SmallCNN(LightningModule):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, lr: float = 3e-3) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, lr: float = 3e-3, criterion: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr!r}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["criterion"])  # a module: saved with the weights, not as a hyperparameter
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
             nn.ReLU(),
@@ -38,7 +40,7 @@ class SmallCNN(LightningModule):
             nn.ReLU(),
         )
         self.head = nn.Linear(64, num_classes)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss() if criterion is None else criterion
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
