@@ -88,9 +88,10 @@ def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
 
 
 @pytest.mark.slow
-def test_the_default_recipe_runs_under_two_process_ddp(tmp_path):
+@pytest.mark.parametrize("recipe", ["digits_pairflip", "digits_sym40_elr"])
+def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
     ddp = ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu", "filter.start_epoch=1"]
-    result = cli(*FAST, *ddp, cwd=tmp_path)
+    result = cli(f"recipe={recipe}", *FAST, *ddp, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     flagged = (run_folder(result.stdout) / "flagged.csv").read_text().splitlines()
     assert flagged[0] == "id,label,score,detector" and len(flagged) > 1, "the filter ran in the workers"
