@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustLoss
+from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustEvaluation, RobustLoss
 from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
 from robust_lightning.poison import BackdoorTrigger
@@ -34,6 +34,7 @@ KNOWN_KEYS = {
     "poison",
     "filter",
     "loss",
+    "adversarial",
     "callbacks",
     "logger",
     "robust",
@@ -91,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(instantiate(cfg.filter))
     if cfg.get("loss"):
         callbacks.append(RobustLoss(instantiate(cfg.loss)))
+    if cfg.get("adversarial"):
+        callbacks += [instantiate(callback) for callback in cfg.adversarial.values()]
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
     )
@@ -116,6 +119,10 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
     if metrics is not None:
         values = {m: [results[f"test/{m}/{name}"] for name in metrics.class_names] for m in METRICS}
         extra = {}
+        if f"test/robust_accuracy/{metrics.class_names[0]}" in results:
+            extra["robust acc"] = [
+                f"{100 * results[f'test/robust_accuracy/{name}']:.1f}" for name in metrics.class_names
+            ]
         if datamodule.summary is not None:
             extra["support"] = datamodule.summary.counts["test"]
             if datamodule.summary.poisoned is not None:
@@ -123,6 +130,13 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
         lines += ["", "Test results per class (%):", per_class_table(values, metrics.class_names, extra)]
     if "test/acc" in results:
         lines.append(f"Test accuracy: {100 * results['test/acc']:.1f}%")
+    robust = next((c for c in callbacks if isinstance(c, RobustEvaluation)), None)
+    if robust is not None and "test/robust_accuracy/macro" in results:
+        name = robust.attack if isinstance(robust.attack, str) else "the given attack"
+        lines.append(
+            f"Robust accuracy ({name}, {robust.steps} steps, eps {robust.eps}): "
+            f"{100 * results['test/robust_accuracy/macro']:.1f}% (mean over classes)"
+        )
     if "test/attack_success_rate" in results:
         lines.append(f"Attack success rate on the triggered test set: {100 * results['test/attack_success_rate']:.1f}%")
     lines += _filter_lines(next((c for c in callbacks if isinstance(c, PoisonFilter)), None))

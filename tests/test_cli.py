@@ -1,5 +1,6 @@
 """The robust-lightning command, run as a user runs it: the installed console script, in a fresh folder."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,11 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
     result = cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     for line in (
-        "recipe: digits_backdoor, digits_clean, digits_loss_sweep, digits_pairflip, digits_sym40, digits_sym40_elr",
+        (
+            "recipe: digits_backdoor, digits_clean, digits_fast_at, digits_loss_sweep, digits_pairflip, "
+            "digits_pgd_at, digits_sym40, digits_sym40_elr, digits_trades"
+        ),
+        "adversarial: fgsm_rs, pgd, trades",
         "poison: backdoor, pair_flip, symmetric",
         "filter: default",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, nce_rce, sce, taylor",
@@ -78,6 +83,7 @@ def test_another_recipe_runs(tmp_path):
         ("filter.start_epoch=0", "start_epoch must be an integer >= 1"),
         ("poison.rate=-0.1", "A poison rate must lie in [0, 1), got -0.1"),
         ("loss=gce loss.q=0", "q must lie in (0.0, 1.0], got 0"),
+        ("adversarial=pgd adversarial.training.eps=-0.1", "eps must be a positive finite number, got -0.1"),
         ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
     ],
 )
@@ -132,3 +138,14 @@ def test_the_loss_sweep_writes_one_summary_table(tmp_path):
     assert len(accuracies) == 4 and all(0 < a <= 100 for a in accuracies)
     rows = (summary.parent / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("loss,poison.rate,test/acc") and len(rows) == 5
+
+
+@pytest.mark.parametrize("recipe", ["digits_pgd_at", "digits_trades"])
+def test_the_adversarial_recipes_report_robust_accuracy_per_class(tmp_path, recipe):
+    result = cli(f"recipe={recipe}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("Test results per class (%):\n")[1].splitlines()
+    assert "robust acc" in table[0]
+    assert "Robust accuracy (pgd, 20 steps, eps 0.1):" in result.stdout
+    results = json.loads((run_folder(result.stdout) / "results.json").read_text())
+    assert results["test/robust_accuracy/macro"] < results["test/accuracy/macro"]

@@ -96,6 +96,8 @@ class PerClassMetrics(Callback):
         ('test', 10, True)
     """
 
+    prefix = ""  # of the metric names in the logged keys
+
     def __init__(
         self,
         num_classes: int,
@@ -133,13 +135,12 @@ class PerClassMetrics(Callback):
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
         y = get_field(batch, resolve_key(batch, self.target_key, "target"))
         try:
-            logits = pl_module(x)
+            logits = self._logits(trainer, pl_module, x, y).detach()
         except NotImplementedError as error:
             raise NotImplementedError(
-                f"PerClassMetrics calls {type(pl_module).__name__}(x) to get logits. "
+                f"{type(self).__name__} calls {type(pl_module).__name__}(x) to get logits. "
                 "Add a forward(self, x) that returns the class logits."
             ) from error
-        logits = logits.detach()
         keep = self._real_samples(trainer, stage, loader_idx, len(y))
         if keep is not None:
             if not keep.any():
@@ -147,6 +148,10 @@ class PerClassMetrics(Callback):
             keep = keep.to(y.device)
             logits, y = logits[keep], y[keep]
         self._metrics[stage].update(logits, y)
+
+    def _logits(self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor) -> Tensor:
+        """The logits the metrics judge; a subclass may judge other inputs (adversarial ones)."""
+        return pl_module(x)
 
     def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:
         """Mask out the repeats that DDP pads evaluation sets with, so the counts match one process."""
@@ -168,8 +173,9 @@ class PerClassMetrics(Callback):
         present = _present(values["confusion"])
         scalars = {}
         for metric in METRICS:
-            scalars[f"{stage}/{metric}/macro"] = values[metric][present].mean()
-            scalars.update({f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[metric])})
+            key = f"{stage}/{self.prefix}{metric}"
+            scalars[f"{key}/macro"] = values[metric][present].mean()
+            scalars.update({f"{key}/{name}": v for name, v in zip(self.class_names, values[metric])})
         pl_module.log_dict(scalars)
         record = {"stage": stage, "epoch": trainer.current_epoch}
         record.update({metric: values[metric].tolist() for metric in METRICS})
