@@ -1,5 +1,6 @@
 """RobustLoss and per-sample losses in real Lightning training on the digits."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -120,6 +121,51 @@ def test_elr_keeps_a_target_for_every_training_sample_and_resumes_exactly(tmp_pa
     assert torch.equal(ema_of(resumed), ema)
     for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+@pytest.mark.parametrize("through", ["RobustLoss", "criterion"])
+def test_forward_correction_estimates_under_low_and_high_precision(precision, through):
+    seed_everything(0)
+    loss = ForwardCorrectionLoss(num_classes=10, warmup_epochs=1)
+    model = SmallCNN(criterion=loss) if through == "criterion" else SmallCNN()
+    callbacks = [RobustLoss(loss)] if through == "RobustLoss" else []
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, precision=precision, callbacks=callbacks))
+    trainer.fit(model, datamodule=RobustDataModule(DigitsDataModule(), validate=False))
+    assert loss.estimated and torch.allclose(loss.transition.float().sum(1), torch.ones(10), atol=1e-2)
+
+
+def test_one_robust_loss_fitted_twice_starts_each_fit_afresh():
+    elr, forward = (
+        RobustLoss(ELRLoss(num_classes=10)),
+        RobustLoss(ForwardCorrectionLoss(num_classes=10, warmup_epochs=1)),
+    )
+    for fit in range(2):
+        probe = RowsAtEpochStart()
+        for robust in (elr, forward):
+            seed_everything(fit)
+            trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[robust, probe]))
+            trainer.fit(SmallCNN(), datamodule=RobustDataModule(DigitsDataModule(), validate=False))
+            assert probe.filled[0] == 0, f"fit {fit} began with the previous fit's state"
+        assert forward.loss.estimated and forward.loss.first_epoch == 0
+
+
+def test_a_bound_loss_leaves_the_run_behind_when_copied():
+    model = SmallCNN(criterion=ELRLoss(num_classes=10))
+    Trainer(**trainer_kwargs()).fit(model, datamodule=RobustDataModule(DigitsDataModule(), validate=False))
+    copied = copy.deepcopy(model)
+    assert copied.criterion.source is None and torch.equal(copied.criterion.ema_targets, model.criterion.ema_targets)
+
+
+def test_reweighting_with_class_weights_and_an_ignore_index_beyond_the_classes():
+    module = SmallCNN(criterion=torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=255))
+    swap = CriterionSwap.of(module)
+    swap.add(Reweight(swap, lambda n: torch.ones(n)))
+    logits, y = torch.randn(6, 10), torch.tensor([1, 255, 3, 255, 9, 0])
+    torch.testing.assert_close(
+        module.criterion(logits, y),
+        torch.nn.functional.cross_entropy(logits, y, weight=torch.linspace(0.5, 2.0, 10), ignore_index=255),
+    )
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])

@@ -42,3 +42,8 @@ def test_rows_gathered_from_ranks_keep_one_row_per_id_the_first():
     rows = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])
     kept_ids, kept_rows = _first_per_id(ids, rows)
     assert dict(zip(kept_ids.tolist(), kept_rows.flatten().tolist(), strict=True)) == {2: 1.0, 5: 0.0, 9: 3.0}
+
+
+def test_a_single_job_gets_a_one_row_table():
+    jobs = [{"overrides": {"loss": "gce"}, "results": {"test/acc": 0.9}}]
+    assert sweep_markdown(jobs).splitlines()[1:] == ["| run | value |", "|---|---|", "| loss=gce | 90.0 |"]

@@ -39,6 +39,8 @@ class InputBounds:
             raise ValueError(f"low and high must have broadcastable shapes: {error}") from None
         if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()) or (span <= 0).any():
             raise ValueError("InputBounds needs finite bounds with low < high everywhere.")
+        # The bounds torchattacks assumes: no mapping needed. Decided once, on the CPU.
+        self.is_unit = bool((self.low == 0).all() and (self.high == 1).all())
 
     @classmethod
     def normalized(cls, mean: Sequence[float], std: Sequence[float]) -> InputBounds:
@@ -50,7 +52,7 @@ class InputBounds:
 
     def to(self, device: torch.device | str) -> InputBounds:
         moved = InputBounds.__new__(InputBounds)
-        moved.low, moved.high = self.low.to(device), self.high.to(device)
+        moved.low, moved.high, moved.is_unit = self.low.to(device), self.high.to(device), self.is_unit
         return moved
 
     def to_unit(self, x: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ ATTACKS: dict[str, Callable[..., torchattacks.attack.Attack]] = {
 
 def perturb(attack: torchattacks.attack.Attack, bounds: InputBounds, x: Tensor, y: Tensor) -> Tensor:
     """Adversarial versions of ``x`` (in the data's own range) against labels ``y``."""
+    if bounds.is_unit:
+        return attack(x.detach(), y).to(x.dtype)
     return bounds.from_unit(attack(bounds.to_unit(x).detach(), y)).to(x.dtype)
 
 
@@ -51,7 +53,7 @@ def build_attack(
         >>> bool((attack(x, y) - x).abs().max() <= 0.1 + 1e-6)
         True
     """
-    unit_model = UnitBoxModel(model, bounds)
+    unit_model = model if bounds.is_unit else UnitBoxModel(model, bounds)  # skip an identity map per forward
     if callable(attack):
         return attack(unit_model, eps)
     return ATTACKS[attack](unit_model, eps, steps, alpha)

@@ -38,7 +38,8 @@ def mean_denominators(loss: nn.Module, target: Tensor, terms: Tensor) -> Tensor:
     counted = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
     if class_weight is None:
         return counted.to(terms.dtype)
-    return class_weight[target.clamp_min(0)].to(terms.dtype) * counted
+    # Ignored labels (e.g. 255) may lie outside the weights: index them as class 0, then count them as 0.
+    return class_weight[torch.where(counted, target, 0)].to(terms.dtype) * counted
 
 
 def reweighted(terms: Tensor, weights: Tensor, reduction: str, denominators: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any
 
@@ -72,6 +73,7 @@ class RobustLoss(Callback):
             raise ValueError(f"attr must be the name of the module's loss attribute, got {attr!r}.")
         self.attr = attr
         self._swap: CriterionSwap | None = None
+        self._fresh = copy.deepcopy(self.loss.state_dict())  # each fit starts from it, unless resumed
 
     @property
     def state_key(self) -> str:
@@ -81,6 +83,7 @@ class RobustLoss(Callback):
         if stage != "fit":
             return
         self._swap = CriterionSwap.of(pl_module, self.attr, by=f"RobustLoss({type(self.loss).__name__})")
+        self.loss.load_state_dict(self._fresh)  # a checkpoint's state, if any, is loaded after setup
         if isinstance(self.loss, PerSampleLoss) and self.loss.needs_ids:
             self.loss.bind(
                 RobustDataModule.from_trainer(trainer, by=f"{type(self.loss).__name__}, which keeps state per sample,")
@@ -91,12 +94,17 @@ class RobustLoss(Callback):
                 f"{type(self.loss).__name__} warms up for {warmup} epochs but the run has {trainer.max_epochs}: it "
                 "stays plain cross-entropy throughout. Train longer or lower warmup_epochs."
             )
-        own_weight = getattr(self._swap.loss, "weight", None)
-        if own_weight is not None and getattr(self.loss, "weight", None) is None:
+        self._warn_about_dropped_settings()
+
+    def _warn_about_dropped_settings(self) -> None:
+        name, own = type(self.loss).__name__, self._swap.loss
+        if getattr(own, "weight", None) is not None and getattr(self.loss, "weight", None) is None:
             rank_zero_warn(
-                f"The module's {self.attr} has class weights, which {type(self.loss).__name__} does not apply. "
-                f"Pass them to it: {type(self.loss).__name__}(..., weight=...)."
+                f"The module's {self.attr} has class weights, which {name} does not apply. "
+                f"Pass them to it: {name}(..., weight=...)."
             )
+        if getattr(own, "label_smoothing", 0.0) > 0:
+            rank_zero_warn(f"The module's {self.attr} smooths labels; {name} replaces it and does not.")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.loss.to(pl_module.device)  # after the strategy moved the module, and after a restored state

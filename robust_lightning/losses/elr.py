@@ -72,7 +72,7 @@ class ELRLoss(PerSampleLoss):
         check_in_range("beta", beta, 0.0, 1.0, low_open=False)
         check_num_classes(num_classes, weight)
         self.lam, self.beta = lam, beta
-        self.register_buffer("ema_targets", torch.zeros(0, num_classes))
+        self.register_buffer("ema_targets", torch.zeros(0, num_classes, dtype=torch.float32))
 
     def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy_terms(input, target)

@@ -14,12 +14,13 @@ from robust_lightning.losses.sample_state import PerSampleLoss
 
 def check_transition(transition: Tensor) -> Tensor:
     """A square, row-stochastic ``T[true, noisy]`` in which every noisy label can occur."""
-    transition = torch.as_tensor(transition).float()
+    transition = torch.as_tensor(transition).to(torch.float32)
     if transition.ndim != 2 or transition.shape[0] != transition.shape[1]:
         raise ValueError(f"transition must be a square (classes, classes) matrix, got shape {tuple(transition.shape)}.")
     if not torch.isfinite(transition).all() or (transition < 0).any():
         raise ValueError("transition must hold finite, non-negative probabilities.")
-    if not torch.allclose(transition.sum(1), torch.ones(len(transition), device=transition.device), atol=1e-3):
+    ones = torch.ones(len(transition), device=transition.device, dtype=torch.float32)  # not the default dtype,
+    if not torch.allclose(transition.sum(1), ones, atol=1e-3):  # which Lightning sets to bf16 under bf16-true
         raise ValueError(
             f"Each row of transition, T[true, noisy], must sum to 1; the sums are {transition.sum(1).tolist()}."
         )
@@ -121,8 +122,9 @@ class ForwardCorrectionLoss(PerSampleLoss):
         self.warmup_epochs, self.quantile = warmup_epochs, quantile
         self.estimated = transition is not None
         self.first_epoch: int | None = None
-        self.register_buffer("transition", transition if transition is not None else torch.eye(k))
-        self.register_buffer("records", torch.zeros(0, k))
+        identity = torch.eye(k, dtype=torch.float32)
+        self.register_buffer("transition", transition if transition is not None else identity)
+        self.register_buffer("records", torch.zeros(0, k, dtype=torch.float32))
 
     @property
     def needs_ids(self) -> bool:
@@ -146,7 +148,9 @@ class ForwardCorrectionLoss(PerSampleLoss):
         seen = self.records.sum(1) > 0
         if not seen.any():
             raise RuntimeError("ForwardCorrectionLoss has recorded no predictions to estimate T from.")
-        self.transition = check_transition(estimate_transition(self.records[seen], self.quantile)).to(self.records)
+        estimated = estimate_transition(self.records[seen].float(), self.quantile)
+        # Renormalized: rows recorded in a low-precision buffer (a bf16-true module) sum to 1 only roughly.
+        self.transition = check_transition(estimated / estimated.sum(1, keepdim=True))
         self.estimated = True
         self.records = self.records[:0]  # no longer needed
         return self.transition

@@ -91,6 +91,11 @@ class PerSampleLoss(RobustLossBase):
             )
         return ids
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The source (a RobustDataModule, and through it the trainer) is the run's, not the loss's:
+        # a pickled or deep-copied loss leaves it behind and is bound again by the next fit.
+        return {**self.__dict__, "source": None}
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in self.per_sample_buffers:  # a checkpoint of a bound loss holds one row per sample
             if prefix + name in state_dict:

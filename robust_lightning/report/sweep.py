@@ -65,8 +65,12 @@ def sweep_markdown(jobs: list[dict[str, Any]], metric: str = "test/acc") -> str:
         | gce | 96.0 (2 runs) | 90.0 |
     """
     keys = varying_keys(jobs)
-    if not keys:
-        return ""
+    if not keys:  # one job, or jobs that differ in nothing: one row each
+        rows = [" ".join(f"{k}={v}" for k, v in job["overrides"].items()) or "(defaults)" for job in jobs]
+        cells = [_cell([100 * job["results"][metric]] if metric in job["results"] else None) for job in jobs]
+        return "\n".join(
+            [f"{metric} (%)", "| run | value |", "|---|---|"] + [f"| {r} | {c} |" for r, c in zip(rows, cells)]
+        )
     down, across = keys[0], keys[1] if len(keys) > 1 else None
     rows = list(dict.fromkeys(job["overrides"].get(down) for job in jobs))
     columns = list(dict.fromkeys(job["overrides"].get(across) for job in jobs)) if across else [None]
