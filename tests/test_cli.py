@@ -53,14 +53,14 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
     assert result.returncode == 0
     for line in (
         (
-            "recipe: digits_backdoor, digits_clean, digits_fast_at, digits_loss_sweep, digits_pairflip, "
-            "digits_pgd_at, digits_sym40, digits_sym40_elr, digits_trades"
+            "recipe: cifar10_pgd_at, digits_backdoor, digits_clean, digits_fast_at, digits_loss_sweep, "
+            "digits_pairflip, digits_pgd_at, digits_sym40, digits_sym40_elr, digits_trades, mnist_pgd_at"
         ),
         "adversarial: fgsm_rs, pgd, trades",
         "poison: backdoor, pair_flip, symmetric",
         "filter: default",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, nce_rce, sce, taylor",
-        "data: digits",
+        "data: cifar10, digits, mnist",
         "model: small_cnn",
         "trainer: default",
         "callbacks: default",
