@@ -5,8 +5,8 @@ Side by side, with the same SmallCNN (Adam 3e-3, batch 64, 40 epochs), data, eps
 - ``lightning``: the same method written inside a LightningModule's ``training_step``;
 - ``loop``: a plain PyTorch loop;
 - ``art``: ART's AdversarialTrainerMadryPGD (PGD-7 only), when the ``bench`` extra is installed.
-Time ratios come from alternating callback/lightning pairs (one seed per pair; the loop runs the
-same seeds, ART the first). Robust accuracy
+The loop validates every epoch, as the Lightning runs do. Time ratios come from alternating
+callback/lightning pairs (one seed per pair; the loop runs the same seeds, ART the first). Robust accuracy
 is PGD-20 (eps 0.1, step eps/4, random start) on the test split; AutoAttack (standard, L-inf)
 for the first seed's callback and loop models.
 
@@ -17,6 +17,7 @@ for the first seed's callback and loop models.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -97,13 +98,22 @@ def run_loop(method: str, seed: int) -> tuple[nn.Module, float]:
     data.setup("fit")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     start = time.perf_counter()
-    model.train()
+    validate(model, data, batches=2)  # Lightning's sanity check
     for _ in range(EPOCHS):
+        model.train()
         for x, y in data.train_dataloader():
             optimizer.zero_grad()
             adversarial_loss(model, method, x, y).backward()
             optimizer.step()
+        validate(model, data)
     return model, time.perf_counter() - start
+
+
+@torch.no_grad()
+def validate(model: nn.Module, data: DigitsDataModule, batches: int | None = None) -> float:
+    model.eval()
+    pairs = [(model(x).argmax(1) == y) for x, y in itertools.islice(data.val_dataloader(), batches)]
+    return float(torch.cat(pairs).float().mean())
 
 
 def run_art(method: str, seed: int) -> tuple[nn.Module, float]:
@@ -153,13 +163,14 @@ RUNNERS = {"callback": run_callback, "lightning": run_lightning, "loop": run_loo
 def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
     lines = [
         (
-            f"Seeds {seeds} (callback and lightning alternate, one pair per seed); accuracy in %, mean over seeds "
-            "(AutoAttack: the first seed); time ratio: median over pairs of callback / lightning seconds, else mean "
-            "seconds relative to lightning."
+            f"Seeds among {seeds}: callback and lightning alternate, one pair per seed, and the loop runs the same "
+            "seeds (the runs column); accuracy in %, mean over seeds (AutoAttack: over the first seed of each batch "
+            "of runs); time ratio: median over pairs of callback / lightning seconds, else mean seconds relative to "
+            "lightning."
         ),
         "",
-        "| method | implementation | clean | PGD-20 | AutoAttack | seconds | time ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| method | implementation | runs | clean | PGD-20 | AutoAttack | seconds | time ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         for impl in RUNNERS:
@@ -169,7 +180,9 @@ def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
             cells = [_mean(rows, key) for key in ("clean", "pgd20", "autoattack")]
             seconds = statistics.fmean(r["seconds"] for r in rows)
             lines.append(
-                f"| {method} | {impl} | " + " | ".join(cells) + f" | {seconds:.0f} | {_ratio(results, method, impl)} |"
+                f"| {method} | {impl} | {len(rows)} | "
+                + " | ".join(cells)
+                + f" | {seconds:.0f} | {_ratio(results, method, impl)} |"
             )
     return "\n".join(lines)
 
@@ -192,6 +205,7 @@ def _ratio(results, method: str, impl: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=5, help="alternating callback/lightning pairs, one seed each")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here, to add pairs to saved runs")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--impls", nargs="+", default=list(RUNNERS), choices=list(RUNNERS))
     parser.add_argument("--no-doc", action="store_true")
@@ -203,17 +217,18 @@ def main() -> None:
         return publish(results, seeds, args.no_doc)
     quiet()
     results: dict[tuple[str, str], list[dict]] = {}
-    seeds = list(range(args.pairs))
+    seeds = list(range(args.first_seed, args.first_seed + args.pairs))
     for method in args.methods:
         for seed in seeds:
             for impl in args.impls:
-                if impl == "art" and (method != "pgd7" or seed > 0):
+                if impl == "art" and (method != "pgd7" or seed > seeds[0]):
                     continue  # a reference for PGD-7: one run
                 try:
                     model, seconds = RUNNERS[impl](method, seed)
                 except ImportError:
                     continue  # ART not installed
-                row = {"seconds": seconds, **evaluate(model, autoattack=seed == 0 and impl in ("callback", "loop"))}
+                autoattack = seed == seeds[0] and impl in ("callback", "loop")
+                row = {"seed": seed, "seconds": seconds, **evaluate(model, autoattack=autoattack)}
                 results.setdefault((method, impl), []).append(row)
                 print(method, impl, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:

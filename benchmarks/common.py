@@ -48,9 +48,13 @@ def save(path: Path, seeds: list[int], results: dict[tuple[str, str], list[dict]
 
 
 def load(paths: list[Path]) -> tuple[dict[tuple[str, str], list[dict]], list[int]]:
-    """Rows saved by :func:`save`, from runs made in parallel, as one result set."""
+    """Rows saved by :func:`save`, from runs made in parallel or one after another, as one result set."""
     saved = [json.loads(path.read_text()) for path in paths]
-    return {tuple(key.split(" | ")): rows for part in saved for key, rows in part["results"].items()}, saved[0]["seeds"]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for part in saved:
+        for key, rows in part["results"].items():
+            results.setdefault(tuple(key.split(" | ")), []).extend(rows)
+    return results, sorted({seed for part in saved for seed in part["seeds"]})
 
 
 def write_doc(doc: Path, mark: str, text: str) -> None:
