@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torchattacks
-from common import load, quiet, save, trainer, write_doc
+from common import load, publish, quiet, save, trainer
 from torch import nn
 
 from robust_lightning.callbacks import AdversarialTraining
@@ -214,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         results, seeds = load(args.merge)
-        return publish(results, seeds, args.no_doc)
+        return publish(table(results, seeds), DOC, MARK, args.no_doc)
     quiet()
     results: dict[tuple[str, str], list[dict]] = {}
     seeds = list(range(args.first_seed, args.first_seed + args.pairs))
@@ -233,14 +233,7 @@ def main() -> None:
                 print(method, impl, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:
         save(args.save, seeds, results)
-    publish(results, seeds, args.no_doc)
-
-
-def publish(results, seeds: list[int], print_only: bool) -> None:
-    text = table(results, seeds)
-    print(text)
-    if not print_only:
-        write_doc(DOC, MARK, text)
+    publish(table(results, seeds), DOC, MARK, args.no_doc)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def load(paths: list[Path]) -> tuple[dict[tuple[str, str], list[dict]], list[int
     return results, sorted({seed for part in saved for seed in part["seeds"]})
 
 
+def publish(text: str, doc: Path, mark: str, print_only: bool) -> None:
+    """Print a benchmark's table and, unless ``print_only``, put it into its doc."""
+    print(text)
+    if not print_only:
+        write_doc(doc, mark, text)
+
+
 def write_doc(doc: Path, mark: str, text: str) -> None:
     """Replace what lies between the two ``mark`` lines of ``doc`` with ``text``."""
     content = doc.read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from common import load, mean, quiet, save, trainer, write_doc
+from common import load, mean, publish, quiet, save, trainer
 from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
     args = parser.parse_args()
     if args.merge:
-        return publish(*load(args.merge), args.no_doc)
+        return publish(table(*load(args.merge)), DOC, MARK, args.no_doc)
     quiet()
     results: dict[tuple[str, str], list[dict]] = {}
     for scenario in args.scenarios:
@@ -203,14 +203,7 @@ def main() -> None:
                 print(scenario, defence, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:
         save(args.save, args.seeds, results)
-    publish(results, args.seeds, args.no_doc)
-
-
-def publish(results: dict[tuple[str, str], list[dict]], seeds: list[int], print_only: bool) -> None:
-    text = table(results, seeds)
-    print(text)
-    if not print_only:
-        write_doc(DOC, MARK, text)
+    publish(table(results, args.seeds), DOC, MARK, args.no_doc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
-from common import load, mean, quiet, save, trainer, write_doc
+from common import load, mean, publish, quiet, save, trainer
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
     args = parser.parse_args()
     if args.merge:
-        return publish(*load(args.merge), args.epochs, args.no_doc)
+        return publish(table(*load(args.merge), args.epochs), DOC, mark(args.epochs), args.no_doc)
     quiet()
     results: dict[tuple[str, str], list[dict]] = {}
     for scenario in args.scenarios:
@@ -115,14 +115,7 @@ def main() -> None:
                 print(scenario, name, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
     if args.save:
         save(args.save, args.seeds, results)
-    publish(results, args.seeds, args.epochs, args.no_doc)
-
-
-def publish(results: dict[tuple[str, str], list[dict]], seeds: list[int], epochs: int, print_only: bool) -> None:
-    text = table(results, seeds, epochs)
-    print(text)
-    if not print_only:
-        write_doc(DOC, mark(epochs), text)
+    publish(table(results, args.seeds, args.epochs), DOC, mark(args.epochs), args.no_doc)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from robust_lightning.data.splits import SplitsDataModule
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(SplitsDataModule):
     """1,797 handwritten digits as ``(1, 8, 8)`` float tensors in [0, 1], in 10 classes.
 
     The test split is carved first (stratified, seeded), as in the project's reference figures;
@@ -60,17 +61,3 @@ class DigitsDataModule(LightningDataModule):
         )
         train, val = train_test_split(rest, test_size=self.hparams.val_fraction, random_state=seed, stratify=y[rest])
         self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in (train, val, test))
-
-    def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import Dataset, random_split
 from torchvision import datasets, transforms
 
 from robust_lightning.attacks import InputBounds
+from robust_lightning.data.splits import SplitsDataModule
 
 # Per-channel mean and std of each training set, the values the literature normalizes with.
 NORMALIZATION = {
@@ -16,7 +16,7 @@ NORMALIZATION = {
 }
 
 
-class VisionDataModule(LightningDataModule):
+class VisionDataModule(SplitsDataModule):
     """MNIST or CIFAR-10 from torchvision, as normalized ``(C, H, W)`` tensors, in 10 classes.
 
     ``prepare_data`` downloads into ``root`` (once, on one process); validation is a seeded
@@ -75,18 +75,3 @@ class VisionDataModule(LightningDataModule):
             full, [1 - self.hparams.val_fraction, self.hparams.val_fraction], generator=generator
         )
         self.test_set = self._dataset(train=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset, self.hparams.batch_size, shuffle=shuffle, num_workers=workers, persistent_workers=workers > 0
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
