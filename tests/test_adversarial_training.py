@@ -228,3 +228,87 @@ def test_autoattack_leaves_the_global_random_state_alone():
     with_autoattack, results = rng_after(RobustEvaluation(num_classes=10, attack="autoattack", eps=EPS))
     assert torch.equal(with_autoattack, without)
     assert results["test/robust_accuracy/macro"] < 0.5
+
+
+class ValidatedClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        self.log("val_loss", self.criterion(self(x), y))
+
+
+def test_robust_evaluation_with_normalized_bounds_leaves_batchnorm_alone():
+    model = ValidatedClassifier()
+    train(model, NormalizedDigits(), [], max_epochs=1)
+    bn = model.net[2]
+    tracked, running_mean = int(bn.num_batches_tracked), bn.running_mean.clone()
+    robust = RobustEvaluation(num_classes=10, eps=EPS, steps=3, bounds=InputBounds.normalized([0.5], [0.25]))
+    Trainer(**trainer_kwargs(callbacks=[robust])).validate(model, datamodule=NormalizedDigits(), verbose=False)
+    assert int(bn.num_batches_tracked) == tracked and torch.equal(bn.running_mean, running_mean)
+    assert len(robust.last("val")["accuracy"]) == 10
+
+
+def test_normalized_bounds_train_under_bf16_true():
+    bounds = InputBounds.normalized(mean=[0.5], std=[0.25])
+    model = Classifier()
+    seen, _ = train(
+        model,
+        NormalizedDigits(shuffle=False),
+        [AdversarialTraining("pgd", eps=EPS, steps=2, bounds=bounds)],
+        precision="bf16-true",
+        limit_train_batches=2,
+    )
+    assert seen.dtype == torch.bfloat16 and seen.min() >= -2 and seen.max() <= 2
+
+
+def test_pgd_l2_on_feature_vectors_is_refused_with_the_alternative():
+    class Flat(StructuredDigits):
+        def setup(self, stage):
+            super().setup(stage)
+            for split in (self.train_set, self.val_set, self.test_set):
+                split.x = split.x.flatten(1)
+
+    with pytest.raises(ValueError, match=r"4-D image batches only.*attack='pgd'"):
+        train(Classifier(), Flat(), [AdversarialTraining("pgd_l2", eps=0.5, steps=2)], limit_train_batches=1)
+
+
+class PreBatched(torch.utils.data.Dataset):
+    """Batches served as slices of one tensor: views of the dataset's own storage."""
+
+    def __init__(self):
+        digits = DigitsDataModule()
+        digits.setup("fit")
+        self.x, self.y = (t[:256].clone() for t in digits.train_set.tensors)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return self.x[64 * i : 64 * (i + 1)], self.y[64 * i : 64 * (i + 1)]
+
+
+def test_inputs_that_are_views_of_the_dataset_are_refused_and_the_dataset_kept():
+    dataset = PreBatched()
+    original = dataset.x.clone()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None)
+    trainer = Trainer(**trainer_kwargs(callbacks=[AdversarialTraining("pgd", eps=EPS, steps=2)]))
+    with pytest.raises(ValueError, match="share memory with a larger tensor"):
+        trainer.fit(Classifier(), train_dataloaders=loader)
+    assert torch.equal(dataset.x, original)
+
+
+def test_an_attack_that_reseeds_the_global_rng_does_not_repeat_the_draws_of_training():
+    class Draws(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(torch.rand(1)))
+
+    def reseeding(model, eps):
+        import torchattacks
+
+        return torchattacks.APGD(model, eps=eps, steps=1, n_restarts=1)  # sets torch.manual_seed on each call
+
+    draws = Draws()
+    train(Classifier(), StructuredDigits(), [AdversarialTraining(reseeding, eps=EPS), draws], limit_train_batches=5)
+    assert len(set(draws.values)) == 5

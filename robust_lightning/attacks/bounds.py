@@ -77,11 +77,14 @@ class InputBounds:
 
 
 class UnitBoxModel(nn.Module):
-    """``model`` seen from the unit box: ``forward(u) = model(low + u * (high - low))``."""
+    """``model`` seen from the unit box: ``forward(u) = model(low + u * (high - low))``, in ``u``'s dtype."""
 
     def __init__(self, model: nn.Module, bounds: InputBounds) -> None:
         super().__init__()
         self.model, self.bounds = model, bounds
+        # torchattacks puts a model it found in train mode back into train mode (recursively) after
+        # attacking; the wrapper is built for the attack, so it must not pass for a training model.
+        self.training = False
 
     def forward(self, u: Tensor) -> Tensor:
-        return self.model(self.bounds.from_unit(u))
+        return self.model(self.bounds.from_unit(u).to(u.dtype))

@@ -26,9 +26,15 @@ ATTACKS: dict[str, Callable[..., torchattacks.attack.Attack]] = {
 
 def perturb(attack: torchattacks.attack.Attack, bounds: InputBounds, x: Tensor, y: Tensor) -> Tensor:
     """Adversarial versions of ``x`` (in the data's own range) against labels ``y``."""
+    if isinstance(attack, torchattacks.PGDL2) and x.ndim != 4:
+        raise ValueError(
+            f"pgd_l2 (torchattacks' PGDL2) attacks 4-D image batches only, and these inputs have shape "
+            f"{tuple(x.shape)}. Use attack='pgd' (L-inf) for other inputs."
+        )
     if bounds.is_unit:
         return attack(x.detach(), y).to(x.dtype)
-    return bounds.from_unit(attack(bounds.to_unit(x).detach(), y)).to(x.dtype)
+    # In the inputs' dtype (bf16-true trains a bf16 model), though the bounds are float32.
+    return bounds.from_unit(attack(bounds.to_unit(x).to(x.dtype).detach(), y)).to(x.dtype)
 
 
 def build_attack(

@@ -1,9 +1,10 @@
 """Lightning callbacks that add robustness to an unmodified LightningModule."""
 
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining
+from robust_lightning.callbacks.drift_monitor import DriftMonitor
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.callbacks.poison_filter import PoisonFilter
 from robust_lightning.callbacks.robust_evaluation import RobustEvaluation
 from robust_lightning.callbacks.robust_loss import RobustLoss
 
-__all__ = ["AdversarialTraining", "PerClassMetrics", "PoisonFilter", "RobustEvaluation", "RobustLoss"]
+__all__ = ["AdversarialTraining", "DriftMonitor", "PerClassMetrics", "PoisonFilter", "RobustEvaluation", "RobustLoss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -150,9 +151,17 @@ class AdversarialTraining(Callback):
             raise TypeError(f"AdversarialTraining needs the inputs as a float tensor, got {type(x).__name__}.")
         bounds = self.bounds.to(x.device)
         bounds.check(x, "This batch's inputs")
+        if not self.trades:
+            _check_owns_storage(x)
         count = max(1, round(self.fraction * len(x)))
         attack = build_attack(self.attack, pl_module, bounds, eps, self.steps, self.alpha)
-        with attack_mode(pl_module), torch.enable_grad(), trainer.precision_plugin.forward_context():
+        precision = trainer.precision_plugin
+        with (
+            attack_mode(pl_module),
+            torch.enable_grad(),
+            precision.forward_context(),
+            _guard_rng(self.attack, x.device),
+        ):
             adversarial = perturb(attack, bounds, x[:count], torch.as_tensor(y[:count], device=x.device))
         if self.trades:
             self._adversarial = adversarial
@@ -174,6 +183,32 @@ class AdversarialTraining(Callback):
         return loss + self.beta * (kl.sum() if reduction == "sum" else kl.sum() / len(input))
 
 
+def _check_owns_storage(x: Tensor) -> None:
+    """Refuse inputs that are a view of a larger tensor: writing into them would change the dataset itself."""
+    if x._base is not None or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        raise ValueError(
+            "This batch's inputs share memory with a larger tensor (e.g. a slice of your dataset's storage, from "
+            "DataLoader(batch_size=None) over pre-batched data), so writing the adversarial inputs into them in place "
+            "would change your dataset. Have your dataset or collate_fn return copies (the default collate does)."
+        )
+
+
+@contextmanager
+def _guard_rng(attack: str | AttackFactory, device: torch.device) -> Iterator[None]:
+    """Keep attacks that reseed the global RNG (APGD, Square, FAB, AutoAttack) from repeating every batch's draws.
+
+    The built-in attacks draw from the global RNG as a hand-written loop would; a factory's attack
+    runs on a forked RNG, seeded by one draw from the global one so that its randomness still varies.
+    """
+    if not callable(attack):
+        yield
+        return
+    seed = int(torch.randint(2**62, (1,)))
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")

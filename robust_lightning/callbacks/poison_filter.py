@@ -12,11 +12,10 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from lightning_utilities.core.overrides import is_overridden
-from torch import Tensor, nn
-from torch.nn.modules.loss import _Loss
-from torchmetrics import Metric
+from torch import Tensor
 
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
+from robust_lightning.callbacks.embedding import FeatureTap
 from robust_lightning.callbacks.restart import load_training_state, reset_early_stopping, training_state
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.robust import RobustDataModule
@@ -54,33 +53,6 @@ def build_detector(detector: str | Detector) -> tuple[str, Detector]:
     return getattr(detector, "name", type(detector).__name__), detector
 
 
-# Leaves that may sit between the Linear layers of a classifier head.
-_HEAD_PARTS = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)
-
-
-def head_input(module: nn.Module) -> nn.Module:
-    """The first Linear of the model's classifier head: its input is the representation the detectors read.
-
-    The head is the trailing run of leaf modules made of Linear layers, activations, dropout and
-    flatten (in registration order): the pooled features of a CNN such as SmallCNN, the input of a
-    ResNet's ``fc``. When that run is the whole model (an MLP), it is the last Linear instead, whose
-    input is the penultimate layer.
-    """
-    # A loss or a metric registered as an attribute is not part of the forward pass.
-    leaves = [m for m in module.modules() if not list(m.children()) and not isinstance(m, (_Loss, Metric))]
-    linears = [m for m in leaves if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(
-            f"PoisonFilter reads features at the input of the classifier head of {type(module).__name__}, which has "
-            "no nn.Linear. Pass layer='<name of a submodule>' whose output are the features."
-        )
-    start = len(leaves)
-    while start > 0 and isinstance(leaves[start - 1], _HEAD_PARTS):
-        start -= 1
-    head = [m for m in leaves[start:] if isinstance(m, nn.Linear)]
-    return head[0] if start > 0 and head else linears[-1]
-
-
 class PoisonFilter(Callback):
     """Detect poisoned training samples during training and exclude, report or down-weight them.
 
@@ -89,7 +61,7 @@ class PoisonFilter(Callback):
     At each round one inference pass, under the trainer's precision, reads the features and logits
     of every training sample, excluded ones included, and of the validation split, which serves as
     the trusted reference. Features come from a forward hook on the input of the model's
-    classifier head (see :func:`head_input`: the pooled features of a CNN), or on the output of
+    classifier head (see :func:`~robust_lightning.callbacks.embedding.head_input`: the pooled features of a CNN), or on the output of
     ``layer``; logits are the output of ``forward``. No extra training run.
 
     **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
@@ -194,9 +166,8 @@ class PoisonFilter(Callback):
         self.layer, self.dirpath = layer, dirpath
         self.input_key, self.target_key = input_key, target_key
         self.restart = bool(restart)
-        self._captured: dict[str, Tensor] = {}
-        self._recording = self._trainer_training = False
-        self._handles: list[Any] = []
+        self._tap = FeatureTap("PoisonFilter", layer)
+        self._trainer_training = False
         self._swap: CriterionSwap | None = None
         self._reweight: Reweight | None = None
         self._data: RobustDataModule | None = None
@@ -231,11 +202,7 @@ class PoisonFilter(Callback):
         self._reset()  # a resumed run gets its state back after setup, from the checkpoint
         self._data = RobustDataModule.from_trainer(trainer, by="PoisonFilter")
         self._check_reference(trainer)
-        feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module)
-        self._handles = [
-            feature_module.register_forward_hook(self._record_features),
-            pl_module.register_forward_hook(self._record_logits),
-        ]
+        self._tap.attach(pl_module)
         if self.action == "weight":
             self._swap = CriterionSwap.of(pl_module, by="PoisonFilter(action='weight')")
             self._reweight = Reweight(self._swap, self._batch_weights)
@@ -287,34 +254,24 @@ class PoisonFilter(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._extension_applied = False
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._tap.detach()
         if self._swap is not None:
             self._swap.remove(self._reweight)
 
     # ---------------------------------------------------------------- signals
-    def _record_features(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self._recording:
-            features = output if self.layer else inputs[0]
-            self._captured["features"] = features.detach().flatten(1)
-
-    def _record_logits(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self._recording and isinstance(output, Tensor) and output.ndim == 2:
-            self._captured["logits"] = output.detach()
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._captured = {}
-        self._recording = self._trainer_training = True
+        self._tap.start()
+        self._trainer_training = True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._recording = self._trainer_training = False
+        self._tap.stop()
+        self._trainer_training = False
         ids = self._data.batch_ids
         if ids is not None:
             self._seen[ids] = True  # trained on, whether or not training_step went through forward
-        logits = self._captured.get("logits")
+        logits = self._tap.captured.get("logits")
         if logits is None or ids is None or len(logits) != len(ids):
             return  # a step whose last forward was not over this batch (e.g. an attack's): nothing to record
         labels = torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().to(logits.device)
@@ -440,42 +397,7 @@ class PoisonFilter(Callback):
         return {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
 
     def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
-        """Features, logits and labels of every batch of ``loader`` in eval mode, gathered from all ranks."""
-        was_training = pl_module.training
-        pl_module.eval()
-        rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "labels": [], "ids": []}
-        try:
-            for batch in loader:
-                if with_ids:
-                    batch, ids = batch
-                    rows["ids"].append(ids)
-                batch = pl_module._apply_batch_transfer_handler(batch)
-                self._captured, self._recording = {}, True
-                precision = trainer.precision_plugin
-                with precision.forward_context():
-                    pl_module(precision.convert_input(get_field(batch, self._key(batch, "input"))))
-                self._recording = False
-                self._check_captured(pl_module)
-                rows["features"].append(self._captured["features"].float().cpu())
-                rows["logits"].append(self._captured["logits"].float().cpu())
-                rows["labels"].append(torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().cpu())
-        finally:
-            self._recording = False
-            pl_module.train(was_training)
-        return {key: _gather(trainer, torch.cat(parts)) for key, parts in rows.items() if parts}
-
-    def _check_captured(self, pl_module: LightningModule) -> None:
-        if "logits" not in self._captured:
-            raise TypeError(
-                f"PoisonFilter reads the logits from {type(pl_module).__name__}.forward(x), which must return a 2-D "
-                "tensor (batch, classes); it returned something else. Return the logits from forward (and compute "
-                "anything else in training_step)."
-            )
-        if "features" not in self._captured:
-            raise RuntimeError(
-                f"PoisonFilter's feature hook ({self.layer or 'the classifier head input'}) did not run during "
-                f"{type(pl_module).__name__}.forward(x). Pass layer='<name of a submodule forward uses>'."
-            )
+        return self._tap.embed(trainer, pl_module, loader, self.input_key, self.target_key, with_ids)
 
     def _key(self, batch: Any, role: str) -> Key:
         return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)
@@ -555,19 +477,6 @@ def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: st
     if not built:
         raise ValueError(f"PoisonFilter needs at least one detector in {what}.")
     return built
-
-
-def _gather(trainer: Trainer, rows: Tensor) -> Tensor:
-    """Every rank's rows, concatenated in rank order; ranks may hold different numbers of rows."""
-    if trainer.world_size == 1:
-        return rows
-    strategy = trainer.strategy
-    device = strategy.root_device
-    sizes = strategy.all_gather(torch.tensor([len(rows)], device=device)).flatten().tolist()
-    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=device)
-    padded[: len(rows)] = rows.to(device)
-    gathered = strategy.all_gather(padded).cpu()
-    return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
 
 
 def _first_per_id(ids: Tensor, n: int) -> Tensor:

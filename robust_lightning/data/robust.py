@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.loader import IdBatch, IndexedDataset, loader_shuffles, rebuild_loader
 from robust_lightning.data.sampler import ExclusionSampler
-from robust_lightning.data.validation import DataSummary, DataValidationError, SplitScan, scan_split, summarize
+from robust_lightning.data.validation import (
+    DataSummary,
+    DataValidationError,
+    SplitScan,
+    scan_split,
+    split_dataset,
+    split_loader,
+    summarize,
+)
+from robust_lightning.integrity.manifest import IntegrityError, Manifest, mismatch_message
 from robust_lightning.losses.sample_state import PerSampleLoss
 from robust_lightning.poison.base import InputPoison, LabelPoison
 
@@ -65,6 +75,12 @@ class RobustDataModule(LightningDataModule):
             :class:`~robust_lightning.poison.BackdoorTrigger`); by default position 0 or a key
             such as ``"image"`` or ``"x"``.
         seed: seeds the shuffling of the train sampler (with the epoch number).
+        manifest: a :class:`~robust_lightning.integrity.Manifest` or the path of one saved by
+            ``robust-lightning-manifest create``. Each split it records is verified when it is first
+            read, before training or testing on it.
+        on_mismatch: ``"error"`` raises :class:`~robust_lightning.integrity.IntegrityError` naming
+            every changed, relabelled, added, removed and moved sample id; ``"warn"`` warns alike and
+            goes on.
 
     Example:
         >>> from robust_lightning.data import DigitsDataModule
@@ -86,8 +102,12 @@ class RobustDataModule(LightningDataModule):
         target_key: Key | None = None,
         seed: int = 0,
         input_key: Key | None = None,
+        manifest: str | Path | Manifest | None = None,
+        on_mismatch: str = "error",
     ) -> None:
         super().__init__()
+        if on_mismatch not in ("error", "warn"):
+            raise ValueError(f"on_mismatch must be 'error' or 'warn', got {on_mismatch!r}.")
         if not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"RobustDataModule wraps a LightningDataModule, got {type(datamodule).__name__}.")
         if poison is not None and not isinstance(poison, LabelPoison):
@@ -112,6 +132,9 @@ class RobustDataModule(LightningDataModule):
         self.target_key = target_key
         self.input_key = input_key
         self.seed = seed
+        self.manifest_source = None if manifest is None or isinstance(manifest, Manifest) else str(manifest)
+        self.manifest = Manifest.load(manifest) if self.manifest_source is not None else manifest
+        self.on_mismatch = on_mismatch
         self.batch_ids: Tensor | None = None
         self.poison_mask: Tensor | None = None
         self.summary: DataSummary | None = None
@@ -145,7 +168,7 @@ class RobustDataModule(LightningDataModule):
         if stage == "fit":
             self._setup_train()
             self._bind_per_sample_losses()
-        elif stage in ("validate", "test") and self.validate:
+        elif stage in ("validate", "test") and self._reads_splits:
             self._scan({"validate": "val", "test": "test"}[stage])
         if self.trainer is not None and all(
             is_overridden("on_before_batch_transfer", owner, parent)
@@ -169,19 +192,20 @@ class RobustDataModule(LightningDataModule):
             return
         base = self._user_train_loader()[0].dataset
         labels = None
-        if self.validate or self.poison is not None:
+        if self._reads_splits or self.poison is not None:
             train = self._scan("train", base)
         poison_input = None
         if isinstance(self.poison, InputPoison):
             poison_input = self._prepare_input_poison(base, train.labels)
         if self.poison is not None:
             labels, self.poison_mask = self.poison(train.labels, self.num_classes)
-        if self.validate:
+        if self._reads_splits:
             self._scan("val")
             if is_overridden("test_dataloader", self.datamodule, LightningDataModule):
                 self.datamodule.setup("test")
                 # Read now for the train/test overlap; its problems stop trainer.test, not training.
                 self._scan("test", strict=False)
+        if self.validate:
             self.summary = summarize(self._scans, self.num_classes, self.poison_mask)
             _log_summary(self.summary, self.poison)
         target_key = resolve_key(base[0], self.target_key, "target")
@@ -210,24 +234,20 @@ class RobustDataModule(LightningDataModule):
 
     def _user_train_loader(self) -> tuple[DataLoader, bool]:
         """The wrapped datamodule's train loader, and whether it shuffles; refused before any data is read."""
-        try:
-            loader = self.datamodule.train_dataloader()
-        except ValueError as error:
-            if "num_samples=0" not in str(error):  # torch's RandomSampler refusing an empty dataset
-                raise
-            raise DataValidationError(
-                "The train split is empty. Fix: check that your datamodule's setup() loads data for it."
-            ) from error
+        loader = split_loader(self.datamodule, "train")
+        if loader is None:
+            raise TypeError(f"{type(self.datamodule).__name__} has no train_dataloader(); training needs one.")
         return loader, loader_shuffles(loader)
 
     def _scan(self, split: str, dataset: Dataset | None = None, strict: bool = True) -> SplitScan | None:
         """Read a split once (cached); raise its problems, or with ``strict=False`` warn about them."""
         if split not in self._scans:
-            dataset = dataset if dataset is not None else self._dataset_of(split)
+            dataset = dataset if dataset is not None else split_dataset(self.datamodule, split)
             if dataset is None:
                 return None
             progress = rank_zero_only.rank == 0
             self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, False, progress)
+            self._verify(split)
         scan = self._scans[split]
         if self.validate and scan.problems:
             error = DataValidationError.of(scan.problems)
@@ -236,13 +256,20 @@ class RobustDataModule(LightningDataModule):
             rank_zero_warn(str(error))
         return scan
 
-    def _dataset_of(self, split: str) -> Dataset | None:
-        hook = f"{split}_dataloader"
-        if not is_overridden(hook, self.datamodule, LightningDataModule):
-            return None
-        loader = getattr(self.datamodule, hook)()
-        # Several loaders for one split are left unchecked: which one a sample id refers to is ambiguous.
-        return loader.dataset if isinstance(loader, DataLoader) else None
+    @property
+    def _reads_splits(self) -> bool:
+        return self.validate or self.manifest is not None
+
+    def _verify(self, split: str) -> None:
+        if self.manifest is None:
+            return
+        diffs = {name: diff for name, diff in self.manifest.verify({split: self._scans[split]}).items() if diff}
+        if not diffs:
+            return
+        message = mismatch_message(diffs, self.manifest_source or "given")
+        if self.on_mismatch == "error":
+            raise IntegrityError(message)
+        rank_zero_warn(message)
 
     # ------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

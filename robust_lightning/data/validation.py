@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningDataModule
+from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robust_lightning.data.fields import Key, get_field, resolve_key
@@ -197,6 +199,28 @@ def scan_split(
     if check and scan.problems:
         raise DataValidationError.of(scan.problems)
     return scan
+
+
+def split_loader(datamodule: LightningDataModule, split: str) -> Any:
+    """What the datamodule's ``{split}_dataloader`` returns; None if it has none. An empty train split is refused."""
+    hook = f"{split}_dataloader"
+    if not is_overridden(hook, datamodule, LightningDataModule):
+        return None
+    try:
+        return getattr(datamodule, hook)()
+    except ValueError as error:
+        if "num_samples=0" not in str(error):  # torch's RandomSampler refusing an empty dataset
+            raise
+        raise DataValidationError(
+            f"The {split} split is empty. Fix: check that your datamodule's setup() loads data for it."
+        ) from error
+
+
+def split_dataset(datamodule: LightningDataModule, split: str) -> Dataset | None:
+    """The dataset of a split, or None when the datamodule has no such split or several loaders for it."""
+    loader = split_loader(datamodule, split)
+    # Several loaders for one split are left unchecked: which one a sample id refers to is ambiguous.
+    return loader.dataset if isinstance(loader, DataLoader) else None
 
 
 @dataclass

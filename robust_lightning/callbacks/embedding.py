@@ -1,0 +1,165 @@
+"""Read a model's features (penultimate representation) and logits without changing the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+from torch.nn.modules.loss import _Loss
+from torchmetrics import Metric
+
+from robust_lightning.data.fields import Key, get_field, resolve_key
+
+# Leaves that may sit between the Linear layers of a classifier head.
+_HEAD_PARTS = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)
+
+
+def head_input(module: nn.Module, owner: str = "This callback") -> nn.Module:
+    """The first Linear of the model's classifier head: its input is the representation callbacks read.
+
+    The head is the trailing run of leaf modules made of Linear layers, activations, dropout and
+    flatten (in registration order): the pooled features of a CNN such as SmallCNN, the input of a
+    ResNet's ``fc``. When that run is the whole model (an MLP), it is the last Linear instead, whose
+    input is the penultimate layer.
+    """
+    # A loss or a metric registered as an attribute is not part of the forward pass.
+    leaves = [m for m in module.modules() if not list(m.children()) and not isinstance(m, (_Loss, Metric))]
+    linears = [m for m in leaves if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{owner} reads features at the input of the classifier head of {type(module).__name__}, which has "
+            "no nn.Linear. Pass layer='<name of a submodule>' whose output are the features."
+        )
+    start = len(leaves)
+    while start > 0 and isinstance(leaves[start - 1], _HEAD_PARTS):
+        start -= 1
+    head = [m for m in leaves[start:] if isinstance(m, nn.Linear)]
+    return head[0] if start > 0 and head else linears[-1]
+
+
+def gather_rows(trainer: Trainer, rows: Tensor) -> Tensor:
+    """Every rank's rows, concatenated in rank order; ranks may hold different numbers of rows."""
+    if trainer.world_size == 1:
+        return rows
+    strategy = trainer.strategy
+    device = strategy.root_device
+    sizes = strategy.all_gather(torch.tensor([len(rows)], device=device)).flatten().tolist()
+    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: len(rows)] = rows.to(device)
+    gathered = strategy.all_gather(padded).cpu()
+    return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+
+class FeatureTap:
+    """Forward hooks that catch the features and logits of the module's forward passes while recording.
+
+    Features are the input of the classifier head (:func:`head_input`), or the output of the
+    submodule named ``layer``; logits are what ``forward`` returns when it is a 2-D tensor.
+
+    Example:
+        >>> from robust_lightning.models import SmallCNN
+        >>> model, tap = SmallCNN(), FeatureTap("Example")
+        >>> tap.attach(model)
+        >>> tap.start(); _ = model(torch.rand(3, 1, 8, 8)); tap.stop()
+        >>> tuple(tap.captured["features"].shape), tuple(tap.captured["logits"].shape)
+        ((3, 256), (3, 10))
+        >>> tap.detach()
+    """
+
+    def __init__(self, owner: str, layer: str | None = None) -> None:
+        self.owner, self.layer = owner, layer
+        self.captured: dict[str, Tensor] = {}
+        self.recording = False
+        self._handles: list[Any] = []
+
+    def attach(self, pl_module: nn.Module) -> None:
+        self.detach()
+        feature_module = pl_module.get_submodule(self.layer) if self.layer else head_input(pl_module, self.owner)
+        self._handles = [
+            feature_module.register_forward_hook(self._record_features),
+            pl_module.register_forward_hook(self._record_logits),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.recording = False
+
+    def start(self) -> None:
+        self.captured, self.recording = {}, True
+
+    def stop(self) -> None:
+        self.recording = False
+
+    def _record_features(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self.recording:
+            features = output if self.layer else inputs[0]
+            self.captured["features"] = features.detach().flatten(1)
+
+    def _record_logits(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if self.recording and isinstance(output, Tensor) and output.ndim == 2:
+            self.captured["logits"] = output.detach()
+
+    def check(self, pl_module: nn.Module) -> None:
+        """Say what to change when the last forward pass gave no logits or no features."""
+        if "logits" not in self.captured:
+            raise TypeError(
+                f"{self.owner} reads the logits from {type(pl_module).__name__}.forward(x), which must return a 2-D "
+                "tensor (batch, classes); it returned something else. Return the logits from forward (and compute "
+                "anything else in training_step)."
+            )
+        if "features" not in self.captured:
+            raise RuntimeError(
+                f"{self.owner}'s feature hook ({self.layer or 'the classifier head input'}) did not run during "
+                f"{type(pl_module).__name__}.forward(x). Pass layer='<name of a submodule forward uses>'."
+            )
+
+    @torch.no_grad()
+    def embed(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batches: Iterable[Any],
+        input_key: Key | None = None,
+        target_key: Key | None = None,
+        with_ids: bool = False,
+        gather: bool = True,
+        with_inputs: bool = False,
+    ) -> dict[str, Tensor]:
+        """Features, logits and labels of every batch in eval mode, gathered from all ranks.
+
+        With ``with_ids`` each batch is ``(batch, ids)`` and the ids are returned too. With
+        ``gather=False`` each rank keeps its own rows, for batches every rank reads whole. With
+        ``with_inputs`` the inputs come back too, flattened to one row per sample.
+        """
+        was_training = pl_module.training
+        pl_module.eval()
+        rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "labels": [], "ids": [], "inputs": []}
+        precision = trainer.precision_plugin
+        try:
+            for batch in batches:
+                if with_ids:
+                    batch, ids = batch
+                    rows["ids"].append(ids)
+                batch = pl_module._apply_batch_transfer_handler(batch)
+                inputs = get_field(batch, resolve_key(batch, input_key, "input"))
+                if with_inputs:
+                    rows["inputs"].append(inputs.detach().flatten(1).float().cpu())
+                self.start()
+                with precision.forward_context():
+                    pl_module(precision.convert_input(inputs))
+                self.stop()
+                self.check(pl_module)
+                rows["features"].append(self.captured["features"].float().cpu())
+                rows["logits"].append(self.captured["logits"].float().cpu())
+                labels = get_field(batch, resolve_key(batch, target_key, "target"))
+                rows["labels"].append(torch.as_tensor(labels).long().cpu())
+        finally:
+            self.stop()
+            pl_module.train(was_training)
+        rows = {key: torch.cat(parts) for key, parts in rows.items() if parts}
+        return {key: gather_rows(trainer, part) for key, part in rows.items()} if gather else rows

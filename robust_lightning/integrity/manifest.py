@@ -1,0 +1,140 @@
+"""The manifest: a SHA-256 digest of every sample's input, its label, and a digest of the whole dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+
+from robust_lightning.data.fields import Key
+from robust_lightning.data.validation import DataValidationError, SplitScan, scan_split, split_dataset
+from robust_lightning.integrity.diff import SplitDiff, diff_split
+
+FORMAT = "robust-lightning-manifest/1"
+SPLITS = ("train", "val", "test")
+
+
+class IntegrityError(DataValidationError):
+    """Raised when data differs from its manifest, or a manifest from its own digest. The message names the ids."""
+
+
+Samples = Sequence[tuple[str, int]]
+
+
+def _digest(splits: Mapping[str, Samples]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(f"{name}\n".encode())
+        for sample_digest, label in splits[name]:
+            digest.update(f"{sample_digest} {label}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Per split, one ``(SHA-256 of the sample's inputs, label)`` per sample id, in id order.
+
+    The input digest covers every entry of a sample except its label, with shapes, so a changed
+    pixel, a changed label, an added, removed or reordered sample all show up in :meth:`verify`.
+    :attr:`digest` fingerprints the whole dataset in one string, to publish beside the data.
+
+    Example:
+        >>> import torch
+        >>> from robust_lightning.data import scan_split
+        >>> from torch.utils.data import TensorDataset
+        >>> x, y = torch.rand(5, 3), torch.tensor([0, 1, 0, 1, 0])
+        >>> manifest = Manifest.of({"train": scan_split("train", TensorDataset(x, y), num_classes=2)})
+        >>> y[3] = 0
+        >>> manifest.verify({"train": scan_split("train", TensorDataset(x, y), num_classes=2)})["train"].relabelled
+        [(3, 1, 0)]
+    """
+
+    splits: Mapping[str, Samples]
+
+    @classmethod
+    def of(cls, scans: Mapping[str, SplitScan]) -> Manifest:
+        return cls({name: list(zip(scan.digests, scan.labels.tolist())) for name, scan in scans.items()})
+
+    @property
+    def digest(self) -> str:
+        return _digest(self.splits)
+
+    def verify(self, scans: Mapping[str, SplitScan]) -> dict[str, SplitDiff]:
+        """The differences of each scanned split that the manifest records; splits it lacks are not judged."""
+        return self.compare(Manifest.of(scans))
+
+    def compare(self, current: Manifest) -> dict[str, SplitDiff]:
+        """The differences of each split of ``current`` that this manifest records."""
+        return {
+            name: diff_split(self.splits[name], samples)
+            for name, samples in current.splits.items()
+            if name in self.splits
+        }
+
+    def save(self, path: str | Path) -> None:
+        splits = {
+            name: [{"id": i, "sha256": d, "label": label} for i, (d, label) in enumerate(samples)]
+            for name, samples in self.splits.items()
+        }
+        document = {"format": FORMAT, "digest": self.digest, "splits": splits}
+        Path(path).write_text(json.dumps(document, indent=0))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        try:
+            document = json.loads(Path(path).read_text())
+            if document.get("format") != FORMAT:
+                raise ValueError(f"its format is {document.get('format')!r}, not {FORMAT!r}")
+            manifest = cls(
+                {
+                    name: [(s["sha256"], int(s["label"])) for s in sorted(samples, key=lambda s: s["id"])]
+                    for name, samples in document["splits"].items()
+                }
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise IntegrityError(
+                f"Cannot read the manifest {path}: {error}. Fix: pass the file written by "
+                "`robust-lightning-manifest create` (or Manifest.save)."
+            ) from error
+        if manifest.digest != document["digest"]:
+            raise IntegrityError(
+                f"The manifest {path} does not match its own digest: it was edited or corrupted. "
+                "Fix: restore it from where it was published, or create it anew from trusted data."
+            )
+        return manifest
+
+
+def mismatch_message(diffs: Mapping[str, SplitDiff], source: str) -> str:
+    """One error text for every split that differs from the manifest at ``source``."""
+    lines = [f"{name}: {line}" for name, diff in diffs.items() for line in diff.describe()]
+    return (
+        f"The data differs from the manifest {source}:\n- "
+        + "\n- ".join(lines)
+        + "\nFix: restore the data from a trusted source; if the change is intended, create the manifest anew "
+        "(robust-lightning-manifest create)."
+    )
+
+
+def build_manifest(
+    datamodule: LightningDataModule, num_classes: int, target_key: Key | None = None, progress: bool = True
+) -> Manifest:
+    """Set up ``datamodule`` and record each of its train, val and test splits that it has.
+
+    Example:
+        >>> from robust_lightning.data import DigitsDataModule
+        >>> manifest = build_manifest(DigitsDataModule(), num_classes=10, progress=False)
+        >>> {name: len(samples) for name, samples in manifest.splits.items()}
+        {'train': 1293, 'val': 144, 'test': 360}
+    """
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    scans = {}
+    for split in SPLITS:
+        dataset = split_dataset(datamodule, split)
+        if dataset is not None:
+            scans[split] = scan_split(split, dataset, num_classes, target_key, check=False, progress=progress)
+    return Manifest.of(scans)
