@@ -16,9 +16,10 @@ from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 
-from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustEvaluation, RobustLoss
+from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustEvaluation, RobustLoss, RunReport
 from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
+from robust_lightning.data.validation import split_dataset
 from robust_lightning.poison import BackdoorTrigger
 from robust_lightning.report import per_class_table
 
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(RobustLoss(instantiate(cfg.loss)))
     if cfg.get("adversarial"):
         callbacks += [instantiate(callback) for callback in cfg.adversarial.values()]
+    callbacks.append(RunReport(run_dir, title=f"robust-lightning run report: {_recipe_name()}"))
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
     )
@@ -101,7 +103,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     if isinstance(poison, BackdoorTrigger) and trainer.is_global_zero:
         # Under ddp_spawn the parent holds the trained weights too: Lightning copies them back.
-        results["test/attack_success_rate"] = poison.attack_success_rate(model, _test_set(datamodule))
+        results["test/attack_success_rate"] = poison.attack_success_rate(
+            model, split_dataset(datamodule.datamodule, "test")
+        )
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
@@ -145,14 +149,13 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
         for c in callbacks
         if isinstance(c, RobustLoss)
     ]
-    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts)
+    files = sorted(
+        str(p.relative_to(run_dir)) for p in run_dir.glob("*") if p.is_file() or p.name in ("checkpoints", "report")
+    )
     lines += [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
+    if (run_dir / "report.html").exists():
+        lines.append(f"Report with plots: {(run_dir / 'report.html').resolve()}")
     return "\n".join(lines)
-
-
-def _test_set(datamodule: RobustDataModule) -> Any:
-    datamodule.datamodule.setup("test")
-    return datamodule.datamodule.test_dataloader().dataset
 
 
 def _filter_lines(filter_: PoisonFilter | None) -> list[str]:
@@ -165,6 +168,10 @@ def _filter_lines(filter_: PoisonFilter | None) -> list[str]:
             f": precision {last['precision']:.2f}, recall {last['recall']:.2f}, F1 {last['f1']:.2f} against the drill"
         )
     return [line + "; see flagged.csv."]
+
+
+def _recipe_name() -> str:
+    return HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else "custom config"
 
 
 def _quiet_startup() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -165,3 +168,18 @@ def trainer_kwargs(**overrides):
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def check_report(folder):
+    """The report's figures decode, and each is in the HTML (inline, byte for byte) and the Markdown."""
+    figures = sorted((folder / "report").glob("*.png"))
+    page, markdown = (folder / "report.html").read_text(), (folder / "report.md").read_text()
+    for figure in figures:
+        with Image.open(figure) as image:
+            image.verify()
+            assert image.format == "PNG"
+        inline = re.search(rf"src='data:image/png;base64,([^']+)'[^>]*data-file='report/{figure.name}'", page)
+        assert inline and base64.b64decode(inline.group(1)) == figure.read_bytes(), figure.name
+        assert f"](report/{figure.name})" in markdown
+    assert page.count("<img ") == len(figures) and "src='http" not in page, "self-contained"
+    return {figure.name for figure in figures}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import check_report
 
 SCRIPT = shutil.which("robust-lightning", path=str(Path(sys.executable).parent)) or shutil.which("robust-lightning")
 FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -44,6 +45,8 @@ def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(
     metrics_csv = (folder / "metrics.csv").read_text().splitlines()
     assert "val/recall/4" in metrics_csv[0] and "test/f1/macro" in metrics_csv[0]
     assert (folder / "checkpoints" / "last.ckpt").stat().st_size > 0
+    assert f"Report with plots: {folder / 'report.html'}" in out
+    assert {"per_class_accuracy.png", "confusion.png", "drift.png"} <= check_report(folder)
     hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
     assert hparams["batch_size"] == 64 and hparams["lr"] == 0.003, "the wrapped datamodule's hparams are logged"
 

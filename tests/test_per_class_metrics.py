@@ -3,13 +3,17 @@ import json
 import pytest
 import torch
 from helpers import DumpHistory, RecordingClassifier, StructuredDigits, split_batch, trainer_kwargs
-from lightning.pytorch import Trainer
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score
 from torch.utils.data import DataLoader, DistributedSampler
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PerClassMetrics
+from robust_lightning.callbacks.per_class_metrics import ClassAlert
+from robust_lightning.data import DigitsDataModule
+from robust_lightning.models import SmallCNN
+from robust_lightning.poison import PairFlip
 
 
 def predictions(model, loader):
@@ -141,3 +145,30 @@ def test_padding_is_left_out_even_when_a_batch_holds_nothing_else(shuffle_val):
     trainer = Trainer(**trainer_kwargs(callbacks=[metrics], limit_train_batches=2))
     trainer.fit(RecordingClassifier(), datamodule=RobustDataModule(OneShardOfDigits(shuffle_val)))
     assert sum(metrics.last("val")["support"]) == 4
+
+
+def _alerts_of(poison, epochs, **kwargs):
+    seed_everything(0)
+    metrics = PerClassMetrics(num_classes=10, **kwargs)
+    trainer = Trainer(**trainer_kwargs(max_epochs=epochs, callbacks=[metrics]))
+    trainer.fit(SmallCNN(), datamodule=RobustDataModule(DigitsDataModule(), poison=poison))
+    return metrics, trainer
+
+
+def test_a_targeted_flip_raises_alerts_that_name_its_classes():
+    with pytest.warns(ClassAlert, match=r"class '(4|8)'"):
+        metrics, trainer = _alerts_of(PairFlip({4: 8}, rate=0.6), epochs=12, warmup_epochs=4)
+    alerts = [alert for record in metrics.history for alert in record.get("alerts", [])]
+    named = {alert.split("'")[1] for alert in alerts}
+    assert {"4", "8"} <= named, alerts
+    assert any("of the predictions but holds" in alert for alert in alerts)
+    assert float(trainer.callback_metrics["val/alerts"]) == len(metrics.history[-1]["alerts"])
+
+
+def test_a_clean_run_stays_nearly_silent_and_alerts_can_be_turned_off():
+    metrics, _ = _alerts_of(None, epochs=20, warmup_epochs=5)
+    assert sum(len(record["alerts"]) for record in metrics.history) <= 2
+    metrics, _ = _alerts_of(PairFlip({4: 8}, rate=0.6), epochs=6, warmup_epochs=2, alert_margin=None, share_margin=None)
+    assert all(record["alerts"] == [] for record in metrics.history)
+    with pytest.raises(ValueError, match="share_margin must lie in"):
+        PerClassMetrics(num_classes=10, share_margin=0)

@@ -6,5 +6,14 @@ from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.callbacks.poison_filter import PoisonFilter
 from robust_lightning.callbacks.robust_evaluation import RobustEvaluation
 from robust_lightning.callbacks.robust_loss import RobustLoss
+from robust_lightning.callbacks.run_report import RunReport
 
-__all__ = ["AdversarialTraining", "DriftMonitor", "PerClassMetrics", "PoisonFilter", "RobustEvaluation", "RobustLoss"]
+__all__ = [
+    "AdversarialTraining",
+    "DriftMonitor",
+    "PerClassMetrics",
+    "PoisonFilter",
+    "RobustEvaluation",
+    "RobustLoss",
+    "RunReport",
+]

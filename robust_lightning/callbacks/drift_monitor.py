@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,6 +16,10 @@ from robust_lightning.callbacks.embedding import FeatureTap
 from robust_lightning.data.fields import Key
 from robust_lightning.data.loader import IdBatch
 from robust_lightning.metrics.drift import DriftReport, drift_tests, random_projection
+
+
+# Every rank computes the values from the same gathered data, so logging them unsynced is right.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('drift/")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -118,12 +123,22 @@ class DriftMonitor(Callback):
         self.layer, self.input_key, self.target_key, self.seed = layer, input_key, target_key, int(seed)
         self.history: list[dict[str, Any]] = []
         self._tap = FeatureTap("DriftMonitor", layer)
+        self._reference_batches_drawn: list[Any] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._reference_batches_drawn = None  # the training data of this fit
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(layer=self.layer, seed=self.seed, names=sorted(self.dataloaders))
 
     # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Drawn now, while the training data is at hand: testing after fit compares with it too.
+        if self.reference is None and self._reference_batches_drawn is None:
+            self._reference_batches_drawn = self._draw(trainer.train_dataloader)
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
@@ -161,13 +176,19 @@ class DriftMonitor(Callback):
     def _reference_batches(self, trainer: Trainer) -> list[Any]:
         if self.reference is not None:
             return list(self.reference)
-        loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError(
-                "DriftMonitor draws its reference from the training data, but this run has no train DataLoader "
-                "(trainer.validate or trainer.test without fit). Pass reference=DataLoader(<trusted data>)."
-            )
+        if self._reference_batches_drawn is None:
+            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise RuntimeError(
+                    "DriftMonitor draws its reference from the training data, but this trainer has not trained "
+                    "(trainer.validate or trainer.test without fit). Pass reference=DataLoader(<trusted data>)."
+                )
+            self._reference_batches_drawn = self._draw(trainer.train_dataloader)
+        return self._reference_batches_drawn
+
+    def _draw(self, loader: Any) -> list[Any]:
+        """The reference sample, drawn once and kept, so that testing after fit compares with the same one."""
+        dataset = loader.dataset
         generator = torch.Generator().manual_seed(self.seed)
         ids = torch.randperm(len(dataset), generator=generator)[: self.reference_size].sort().values.tolist()
         size = loader.batch_size or 64

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 from torchmetrics import MetricCollection
@@ -24,6 +25,12 @@ from torchmetrics.classification import (
 from robust_lightning.data.fields import Key, get_field, resolve_key
 
 METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+class ClassAlert(UserWarning):
+    """A class's validation metrics fell, or its share of predictions strayed from its share of labels."""
+
+
 _STAGES = ("val", "test")
 
 # The values are synced by torchmetrics before they are logged, so logging them unsynced is right
@@ -77,11 +84,31 @@ class PerClassMetrics(Callback):
     The callback runs the module's ``forward`` on each evaluation batch's inputs, so the module
     needs no change as long as ``forward(x)`` returns logits.
 
+    **Alerts.** After each validation epoch past the first ``warmup_epochs`` (while the model is
+    still learning its classes), a class raises a rank-zero warning that names it, and
+    ``val/alerts`` counts them, when
+
+    * its recall or precision falls more than ``alert_margin`` below its best so far, or
+    * the share of predictions given to it strays from its share of the labels by more than
+      ``share_margin`` of that share (a class that takes others' samples, the mark of a targeted
+      flip, or loses its own),
+
+    and the change amounts to at least ``min_count`` samples, so that a small validation set does
+    not alert on one or two errors. When a callback restarts the model (PoisonFilter's restart),
+    the alerts judge the new model against its own past only, after its own warm-up.
+
+    The alerts of each epoch are kept in its history record under ``"alerts"``.
+
     Args:
         num_classes: number of classes.
         class_names: names used in the logged keys; defaults to ``"0"``, ``"1"``, ...
         input_key, target_key: where inputs and labels are in a batch; by default positions 0 and 1
             of a tuple or list, or conventional dict keys such as ``"image"`` and ``"label"``.
+        alert_margin: the drop in recall or precision from its best that raises an alert; None: no such alert.
+        share_margin: the relative gap between a class's prediction and label shares that raises an
+            alert; None: no such alert.
+        min_count: the fewest samples a change must amount to for an alert.
+        warmup_epochs: validation epochs without alerts at the start of training.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -104,7 +131,18 @@ class PerClassMetrics(Callback):
         class_names: Sequence[str] | None = None,
         input_key: Key | None = None,
         target_key: Key | None = None,
+        alert_margin: float | None = 0.1,
+        share_margin: float | None = 0.5,
+        min_count: int = 5,
+        warmup_epochs: int = 10,
     ) -> None:
+        for name, margin in (("alert_margin", alert_margin), ("share_margin", share_margin)):
+            if margin is not None and not (isinstance(margin, numbers.Real) and 0 < margin <= 1):
+                raise ValueError(f"{name} must lie in (0, 1], or be None to turn its alert off; got {margin!r}.")
+        if not isinstance(min_count, numbers.Integral) or min_count < 1:
+            raise ValueError(f"min_count must be a positive integer, got {min_count!r}.")
+        if not isinstance(warmup_epochs, numbers.Integral) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}.")
         if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
         num_classes = int(num_classes)
@@ -115,7 +153,10 @@ class PerClassMetrics(Callback):
         self.class_names = names
         self.input_key = input_key
         self.target_key = target_key
+        self.alert_margin, self.share_margin = alert_margin, share_margin
+        self.min_count, self.warmup_epochs = int(min_count), int(warmup_epochs)
         self.history: list[dict[str, Any]] = []
+        self.restarts: list[int] = []  # epochs at which the model was restarted from scratch
         self._metrics: dict[str, MetricCollection] = {}
         self._seen: dict[tuple[str, int], int] = {}
 
@@ -176,12 +217,47 @@ class PerClassMetrics(Callback):
             key = f"{stage}/{self.prefix}{metric}"
             scalars[f"{key}/macro"] = values[metric][present].mean()
             scalars.update({f"{key}/{name}": v for name, v in zip(self.class_names, values[metric])})
-        pl_module.log_dict(scalars)
         record = {"stage": stage, "epoch": trainer.current_epoch}
         record.update({metric: values[metric].tolist() for metric in METRICS})
         record["confusion"] = values["confusion"].tolist()
         record["support"] = values["confusion"].sum(1).tolist()
+        if stage == "val" and not self.prefix:
+            record["alerts"] = self._alerts(record)
+            scalars["val/alerts"] = torch.tensor(float(len(record["alerts"])))
+            for alert in record["alerts"]:
+                rank_zero_warn(f"PerClassMetrics, epoch {trainer.current_epoch}: {alert}", category=ClassAlert)
+        pl_module.log_dict(scalars)
         self.history.append(record)
+
+    def _alerts(self, record: dict[str, Any]) -> list[str]:
+        """What the new validation record shows against the history: the messages name each class."""
+        alerts: list[str] = []
+        since = self.restarts[-1] if self.restarts else 0
+        earlier = [r for r in self.history if r["stage"] == "val" and r["epoch"] >= since]
+        if len(earlier) < self.warmup_epochs:
+            return alerts
+        confusion = torch.tensor(record["confusion"])
+        labels, predictions = confusion.sum(1), confusion.sum(0)
+        if self.alert_margin is not None and earlier:
+            for metric, counts in (("recall", labels), ("precision", predictions)):
+                best = torch.tensor([r[metric] for r in earlier]).amax(0)
+                now = torch.tensor(record[metric])
+                fallen = (now < best - self.alert_margin) & ((best - now) * counts >= self.min_count)
+                for c in fallen.nonzero().flatten().tolist():
+                    alerts.append(
+                        f"class {self.class_names[c]!r} {metric} fell to {now[c]:.3f}, "
+                        f"{best[c] - now[c]:.3f} below its best ({best[c]:.3f})"
+                    )
+        if self.share_margin is not None:
+            gap = predictions - labels
+            odd = (gap.abs() > self.share_margin * labels) & (gap.abs() >= self.min_count)
+            total = max(int(labels.sum()), 1)
+            for c in odd.nonzero().flatten().tolist():
+                alerts.append(
+                    f"class {self.class_names[c]!r} gets {100 * predictions[c] / total:.1f}% of the predictions "
+                    f"but holds {100 * labels[c] / total:.1f}% of the labels"
+                )
+        return alerts
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update("val", trainer, pl_module, batch, dataloader_idx)
@@ -202,8 +278,12 @@ class PerClassMetrics(Callback):
                 return record
         raise LookupError(f"PerClassMetrics has no {stage} results yet; run trainer.validate or trainer.test first.")
 
+    def on_model_restart(self, trainer: Trainer) -> None:
+        self.restarts.append(trainer.current_epoch)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(record) for record in self.history]}
+        return {"history": [dict(record) for record in self.history], "restarts": list(self.restarts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(record) for record in state_dict["history"]]
+        self.restarts = list(state_dict.get("restarts", []))  # absent from checkpoints of earlier versions

@@ -16,7 +16,12 @@ from torch import Tensor
 
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
 from robust_lightning.callbacks.embedding import FeatureTap
-from robust_lightning.callbacks.restart import load_training_state, reset_early_stopping, training_state
+from robust_lightning.callbacks.restart import (
+    announce_restart,
+    load_training_state,
+    reset_early_stopping,
+    training_state,
+)
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.detectors import (
@@ -367,6 +372,7 @@ class PoisonFilter(Callback):
         self._initial, self._restart_pending = None, False
         self._seen = torch.zeros_like(self._seen)
         reset_early_stopping(trainer)  # its best score so far belongs to the old model
+        announce_restart(trainer)
 
     @torch.no_grad()
     def _signals(self, trainer: Trainer, pl_module: LightningModule) -> Signals:

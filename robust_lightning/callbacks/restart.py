@@ -52,3 +52,10 @@ def reset_early_stopping(trainer: Trainer) -> None:
             callback.wait_count = 0
             callback.stopped_epoch = 0
             callback.best_score = torch.tensor(torch.inf if callback.monitor_op == torch.lt else -torch.inf)
+
+
+def announce_restart(trainer: Trainer) -> None:
+    """Tell callbacks that judge the model against its own past (PerClassMetrics' alerts) that a new model starts."""
+    for callback in trainer.callbacks:
+        if hasattr(callback, "on_model_restart"):
+            callback.on_model_restart(trainer)

@@ -330,6 +330,11 @@ class RobustDataModule(LightningDataModule):
         """The epoch being trained (0 before fit), for losses that change with training time."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def training_sample(self, index: int) -> Any:
+        """The training sample with this id, as training sees it (with the drill's changes)."""
+        sample, _ = self._require_train()[index]
+        return sample
+
     @property
     def num_train(self) -> int:
         return len(self._require_train())

@@ -1,0 +1,66 @@
+"""The run report: every figure is drawn, decodes as a PNG, and is carried by report.html and report.md."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import check_report, trainer_kwargs
+from lightning.pytorch import Trainer, seed_everything
+
+from robust_lightning import RobustDataModule
+from robust_lightning.callbacks import DriftMonitor, PerClassMetrics, PoisonFilter, RobustEvaluation, RunReport
+from robust_lightning.data import DigitsDataModule
+from robust_lightning.models import SmallCNN
+from robust_lightning.poison import PairFlip
+from robust_lightning.report.run_report import write_report
+
+FIGURES = {
+    "per_class_accuracy.png",
+    "confusion.png",
+    "filter_scores.png",
+    "suspicious_samples.png",
+    "robust_accuracy.png",
+    "drift.png",
+}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    seed_everything(0)
+    folder = tmp_path_factory.mktemp("report")
+    callbacks = [
+        PerClassMetrics(num_classes=10),
+        RobustEvaluation(num_classes=10, eps=0.1, steps=2),
+        PoisonFilter(start_epoch=2, every_n_epochs=1, restart=False, dirpath=folder),
+        DriftMonitor(every_n_epochs=1, permutations=100),
+        RunReport(folder, title="Test report"),
+    ]
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=callbacks))
+    datamodule = RobustDataModule(DigitsDataModule(), poison=PairFlip({4: 8, 8: 4}, rate=0.4))
+    model = SmallCNN()
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return folder, trainer
+
+
+def test_a_run_with_every_callback_gets_every_figure(full_run):
+    folder, _ = full_run
+    assert check_report(folder) == FIGURES
+    page = (folder / "report.html").read_text()
+    for heading in ("Summary", "Per-class accuracy across epochs", "Confusion matrix (test, epoch 3)", "Drift"):
+        assert f"<h2>{heading}</h2>" in page
+    assert "Against the drill&#x27;s ground truth: precision" in page
+    assert "test accuracy (logged by the module)" in page
+
+
+def test_the_report_can_be_written_on_request(full_run, tmp_path):
+    _, trainer = full_run
+    path = write_report(trainer, dirpath=tmp_path)
+    assert path == tmp_path / "report.html"
+    assert check_report(tmp_path) == FIGURES
+
+
+def test_a_run_without_filter_or_attack_gets_the_figures_it_has_evidence_for(tmp_path):
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[PerClassMetrics(10), RunReport(tmp_path)]))
+    trainer.fit(SmallCNN(), datamodule=DigitsDataModule())
+    assert check_report(tmp_path) == {"per_class_accuracy.png", "confusion.png"}
+    assert "Confusion matrix (validation, epoch 1)" in (tmp_path / "report.md").read_text()
