@@ -93,7 +93,7 @@ def test_noisy_validation_data_is_flagged_and_iid_data_is_not(tmp_path):
     assert monitor.history[-1]["name"] == "test" and not monitor.history[-1]["drift"]
 
 
-def test_history_is_saved_in_checkpoints_and_test_without_fit_asks_for_a_reference(tmp_path):
+def test_history_is_saved_in_checkpoints_and_test_without_fit_reads_the_train_split(tmp_path):
     monitor = DriftMonitor(every_n_epochs=1, permutations=50)
     trainer = Trainer(
         **trainer_kwargs(max_epochs=1, callbacks=[monitor], enable_checkpointing=True, default_root_dir=tmp_path)
@@ -102,8 +102,14 @@ def test_history_is_saved_in_checkpoints_and_test_without_fit_asks_for_a_referen
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
     assert checkpoint["callbacks"][monitor.state_key]["history"] == monitor.history
     fresh = DriftMonitor(every_n_epochs=1, permutations=50)
+    Trainer(**trainer_kwargs(callbacks=[fresh])).test(SmallCNN(), datamodule=DigitsDataModule(), verbose=False)
+    assert fresh.history[-1]["name"] == "test" and not fresh.history[-1]["drift"]
+    digits = DigitsDataModule()
+    digits.setup("test")
     with pytest.raises(RuntimeError, match="Pass reference=DataLoader"):
-        Trainer(**trainer_kwargs(callbacks=[fresh])).test(SmallCNN(), datamodule=DigitsDataModule(), verbose=False)
+        Trainer(**trainer_kwargs(callbacks=[DriftMonitor()])).test(
+            SmallCNN(), dataloaders=DataLoader(digits.test_set), verbose=False
+        )
     digits = DigitsDataModule()
     digits.setup("fit")
     given = DriftMonitor(reference=DataLoader(digits.train_set, batch_size=128), permutations=50)

@@ -1,7 +1,9 @@
 """Lightning callbacks that add robustness to an unmodified LightningModule."""
 
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining
+from robust_lightning.callbacks.cutmix import CutMix
 from robust_lightning.callbacks.drift_monitor import DriftMonitor
+from robust_lightning.callbacks.mixup import Mixup
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.callbacks.poison_filter import PoisonFilter
 from robust_lightning.callbacks.robust_evaluation import RobustEvaluation
@@ -10,7 +12,9 @@ from robust_lightning.callbacks.run_report import RunReport
 
 __all__ = [
     "AdversarialTraining",
+    "CutMix",
     "DriftMonitor",
+    "Mixup",
     "PerClassMetrics",
     "PoisonFilter",
     "RobustEvaluation",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from robust_lightning.attacks import ATTACKS, InputBounds, build_attack, perturb
 from robust_lightning.attacks.factory import AttackFactory
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
-from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
 
 
 @contextmanager
@@ -152,7 +152,7 @@ class AdversarialTraining(Callback):
         bounds = self.bounds.to(x.device)
         bounds.check(x, "This batch's inputs")
         if not self.trades:
-            _check_owns_storage(x)
+            check_owns_storage(x, "adversarial inputs")
         count = max(1, round(self.fraction * len(x)))
         attack = build_attack(self.attack, pl_module, bounds, eps, self.steps, self.alpha)
         precision = trainer.precision_plugin
@@ -181,16 +181,6 @@ class AdversarialTraining(Callback):
         if reduction == "none":
             return loss + self.beta * nn.functional.pad(kl, (0, len(input) - count))
         return loss + self.beta * (kl.sum() if reduction == "sum" else kl.sum() / len(input))
-
-
-def _check_owns_storage(x: Tensor) -> None:
-    """Refuse inputs that are a view of a larger tensor: writing into them would change the dataset itself."""
-    if x._base is not None or x.untyped_storage().nbytes() != x.numel() * x.element_size():
-        raise ValueError(
-            "This batch's inputs share memory with a larger tensor (e.g. a slice of your dataset's storage, from "
-            "DataLoader(batch_size=None) over pre-batched data), so writing the adversarial inputs into them in place "
-            "would change your dataset. Have your dataset or collate_fn return copies (the default collate does)."
-        )
 
 
 @contextmanager

@@ -15,8 +15,9 @@ from torch import Tensor
 from robust_lightning.callbacks.embedding import FeatureTap
 from robust_lightning.data.fields import Key
 from robust_lightning.data.loader import IdBatch
+from robust_lightning.data.robust import RobustDataModule
+from robust_lightning.data.validation import split_loader
 from robust_lightning.metrics.drift import DriftReport, drift_tests, random_projection
-
 
 # Every rank computes the values from the same gathered data, so logging them unsynced is right.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('drift/")
@@ -177,14 +178,30 @@ class DriftMonitor(Callback):
         if self.reference is not None:
             return list(self.reference)
         if self._reference_batches_drawn is None:
-            dataset = getattr(trainer.train_dataloader, "dataset", None)
-            if dataset is None:
-                raise RuntimeError(
-                    "DriftMonitor draws its reference from the training data, but this trainer has not trained "
-                    "(trainer.validate or trainer.test without fit). Pass reference=DataLoader(<trusted data>)."
-                )
-            self._reference_batches_drawn = self._draw(trainer.train_dataloader)
+            self._reference_batches_drawn = self._draw(self._train_loader(trainer))
         return self._reference_batches_drawn
+
+    @staticmethod
+    def _train_loader(trainer: Trainer) -> Any:
+        """The training data when this trainer has not trained (a test in new ddp_spawn workers, or alone)."""
+        if getattr(trainer.train_dataloader, "dataset", None) is not None:
+            return trainer.train_dataloader
+        datamodule = trainer.datamodule
+        source = datamodule.datamodule if isinstance(datamodule, RobustDataModule) else datamodule
+        try:
+            loader = split_loader(source, "train") if source is not None else None
+        except Exception as error:  # a datamodule set up for testing only may fail in any way here
+            raise RuntimeError(
+                f"DriftMonitor needs training data as its reference, and {type(source).__name__}.train_dataloader() "
+                f"failed outside fit ({error}). Pass reference=DataLoader(<trusted data>)."
+            ) from error
+        if getattr(loader, "dataset", None) is None:
+            raise RuntimeError(
+                "DriftMonitor draws its reference from the training data, but this trainer has none (trainer.validate "
+                "or trainer.test without fit, on a datamodule without train_dataloader). "
+                "Pass reference=DataLoader(<trusted data>)."
+            )
+        return loader
 
     def _draw(self, loader: Any) -> list[Any]:
         """The reference sample, drawn once and kept, so that testing after fit compares with the same one."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import Tensor
+
 Key = int | str
 
 INPUT_NAMES = ("x", "input", "inputs", "image", "images", "img", "features", "data")
@@ -65,3 +67,13 @@ def replace_field(structure: Any, key: Key, value: Any) -> Any:
     if isinstance(structure, tuple) and hasattr(structure, "_fields"):  # namedtuple
         return type(structure)(*items)
     return type(structure)(items)
+
+
+def check_owns_storage(x: Tensor, what: str) -> None:
+    """Refuse a batch entry that is a view of a larger tensor: writing ``what`` into it would change the dataset."""
+    if x._base is not None or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        raise ValueError(
+            f"This batch's inputs share memory with a larger tensor (e.g. a slice of your dataset's storage, from "
+            f"DataLoader(batch_size=None) over pre-batched data), so writing the {what} into them in place would "
+            "change your dataset. Have your dataset or collate_fn return copies (the default collate does)."
+        )

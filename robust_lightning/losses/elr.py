@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -73,15 +74,24 @@ class ELRLoss(PerSampleLoss):
         check_num_classes(num_classes, weight)
         self.lam, self.beta = lam, beta
         self.register_buffer("ema_targets", torch.zeros(0, num_classes, dtype=torch.float32))
+        self._last_update: tuple[weakref.ref, Tensor, Tensor] | None = None
 
     def per_sample(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy_terms(input, target)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_last_update": None}  # a step's logits are not the loss's state
 
     def per_sample_with_ids(self, input: Tensor, target: Tensor, ids: Tensor) -> Tensor:
         if input.shape[1] != self.ema_targets.shape[1]:
             raise ValueError(
                 f"ELRLoss was built for {self.ema_targets.shape[1]} classes, the logits have {input.shape[1]}."
             )
-        updated = ema_update(self.ema_targets[ids].float(), input, self.beta)
-        self.write_rows("ema_targets", ids, updated)
+        last = getattr(self, "_last_update", None)  # absent from a loss pickled by an earlier version
+        if last is not None and last[0]() is input and torch.equal(last[1], ids):
+            updated = last[2]  # the same logits again (mixup's second term): the targets move once per step
+        else:
+            updated = ema_update(self.ema_targets[ids].float(), input, self.beta)
+            self.write_rows("ema_targets", ids, updated)
+            self._last_update = (weakref.ref(input), ids.clone(), updated)
         return elr_terms(input, target, updated, self.lam)

@@ -50,13 +50,15 @@ def _summary(trainer: Trainer, pl_module: LightningModule) -> Section:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
     rows = [[name, f"{100 * metrics[key]:.1f}%"] for key, name in _HEADLINES.items() if key in metrics]
     datamodule = trainer.datamodule
-    if isinstance(datamodule, RobustDataModule) and isinstance(datamodule.poison, BackdoorTrigger):
+    # The drill's trigger exists once the train split is set up (not in ddp_spawn's test-only workers).
+    backdoor = isinstance(datamodule, RobustDataModule) and isinstance(datamodule.poison, BackdoorTrigger)
+    if backdoor and datamodule.poison_mask is not None:
         test_set = split_dataset(datamodule.datamodule, "test")
         if test_set is not None:
             asr = datamodule.poison.attack_success_rate(pl_module, test_set)
             rows.append(["attack success rate on the triggered test set", f"{100 * asr:.1f}%"])
     text = [f"Model {type(pl_module).__name__}, trained {trainer.current_epoch} epochs ({trainer.global_step} steps)."]
-    if isinstance(datamodule, RobustDataModule) and datamodule.poison is not None:
+    if isinstance(datamodule, RobustDataModule) and datamodule.poison_mask is not None:
         text.append(f"Drill: {datamodule.poison!r}, {int(datamodule.poison_mask.sum())} training samples poisoned.")
     return Section("Summary", text, (["metric", "value"], rows) if rows else None)
 

@@ -39,9 +39,10 @@ def varying_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 
 def sweep_csv(jobs: list[dict[str, Any]]) -> str:
-    """One row per job: each varying override, then every metric it logged."""
+    """One row per job: each varying override, then every metric it logged, the test metrics first."""
     keys = varying_keys(jobs)
     metrics = list(dict.fromkeys(m for job in jobs for m in job["results"]))
+    metrics.sort(key=lambda m: not m.startswith("test/"))  # stable: the rest (drift/...) keep their order
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(keys + metrics)

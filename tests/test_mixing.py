@@ -1,0 +1,143 @@
+"""Mixup and CutMix in real Lightning training on the digits, with modules that know nothing of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import StructuredDigits, split_batch, trainer_kwargs
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch import nn
+
+from robust_lightning import RobustDataModule
+from robust_lightning.callbacks import AdversarialTraining, CutMix, Mixup, RobustLoss
+from robust_lightning.losses import ELRLoss, GCELoss
+from robust_lightning.losses.elr import ema_update
+
+
+class Recorder(LightningModule):
+    """A user's classifier that records each step's inputs, labels and loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.criterion = nn.CrossEntropyLoss()
+        self.steps = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.steps.append({"x": x.detach().clone(), "y": y.clone(), "logits": logits.detach(), "loss": loss.detach()})
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class Before(Callback):
+    """Listed before the mixing callback: a copy of each clean batch. Listed after: the mixing it drew."""
+
+    def __init__(self, mixing=None):
+        self.mixing, self.clean, self.draws = mixing, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.mixing is None:
+            self.clean.append(split_batch(batch)[0].clone())
+        else:
+            self.draws.append(self.mixing._mix)
+
+
+def fit(callbacks, datamodule=None, module=None, **kwargs):
+    seed_everything(0)
+    module = module or Recorder()
+    settings = {"limit_val_batches": 0, "limit_train_batches": 4, **kwargs}
+    trainer = Trainer(**trainer_kwargs(**settings), callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule or StructuredDigits())
+    return module
+
+
+@pytest.mark.parametrize("structure", ["tuple", "list", "dict"])
+@pytest.mark.parametrize("kind", [Mixup, CutMix])
+def test_inputs_are_mixed_in_place_and_the_loss_with_them(structure, kind):
+    mixing = kind(alpha=1.0)
+    clean, drawn = Before(), Before(mixing)
+    module = fit([clean, mixing, drawn], StructuredDigits(structure))
+    for step, x, (lam, permutation) in zip(module.steps, clean.clean, drawn.draws):
+        assert 0 < lam < 1
+        if kind is Mixup:
+            torch.testing.assert_close(step["x"], lam * x + (1 - lam) * x[permutation])
+        else:
+            from_other = (step["x"] != x).flatten(1)
+            assert torch.equal(step["x"][from_other.view_as(x)], x[permutation][from_other.view_as(x)])
+        expected = lam * nn.functional.cross_entropy(step["logits"], step["y"])
+        expected += (1 - lam) * nn.functional.cross_entropy(step["logits"], step["y"][permutation])
+        torch.testing.assert_close(step["loss"], expected)
+    assert len(module.steps) == 4
+
+
+def test_a_loss_without_soft_targets_gets_the_two_term_form():
+    mixing = Mixup(alpha=0.4)
+    drawn = Before(mixing)
+    module = fit([RobustLoss(GCELoss()), mixing, drawn])
+    for step, (lam, permutation) in zip(module.steps, drawn.draws):
+        y = step["y"]
+        expected = lam * GCELoss()(step["logits"], y) + (1 - lam) * GCELoss()(step["logits"], y[permutation])
+        torch.testing.assert_close(step["loss"], expected)
+
+
+def test_elr_moves_its_targets_once_per_step_under_mixup():
+    elr = ELRLoss(num_classes=10, beta=0.7)
+    module = fit([RobustLoss(elr), Mixup()], RobustDataModule(StructuredDigits(shuffle=False)), limit_train_batches=1)
+    step = module.steps[0]
+    expected = ema_update(torch.zeros(64, 10), step["logits"], beta=0.7)  # one update from the initial zeros
+    torch.testing.assert_close(elr.ema_targets[:64], expected)
+
+
+def test_mixing_follows_the_attack_and_refuses_what_it_cannot_compose_with():
+    at = AdversarialTraining("fgsm", eps=0.1)
+    assert len(fit([at, Mixup()]).steps) == 4
+    with pytest.raises(ValueError, match="List AdversarialTraining before Mixup"):
+        fit([Mixup(), AdversarialTraining("fgsm", eps=0.1)])
+    with pytest.raises(ValueError, match="cannot go with TRADES"):
+        fit([AdversarialTraining("trades", eps=0.1), CutMix()])
+    with pytest.raises(ValueError, match="would both mix the batch"):
+        fit([Mixup(), CutMix()])
+    with pytest.raises(ValueError, match="alpha .* must be a positive number"):
+        Mixup(alpha=0)
+
+
+def test_cutmix_refuses_feature_vectors():
+    class Flat(StructuredDigits):
+        def setup(self, stage):
+            super().setup(stage)
+            self.train_set.x = self.train_set.x.flatten(1)
+
+    with pytest.raises(ValueError, match="Use Mixup for feature vectors"):
+        fit([CutMix()], Flat())
+
+
+class DumpWeights(Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        total = float(sum(p.double().sum() for p in pl_module.parameters()))
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps({"weights": total}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [Mixup, CutMix])
+def test_two_process_ddp_keeps_the_ranks_in_step(tmp_path, kind):
+    trainer = Trainer(
+        **trainer_kwargs(devices=2, strategy="ddp_spawn", limit_val_batches=0, default_root_dir=tmp_path),
+        callbacks=[kind(), DumpWeights(str(tmp_path))],
+    )
+    trainer.fit(Recorder(), datamodule=StructuredDigits())
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
