@@ -88,17 +88,14 @@ def table(iid: list[dict], backdoor: list[dict]) -> str:
     def median_p(rows: list[dict], key: str) -> list[str]:
         return [f"{statistics.median(row[key][t] for row in rows):.2g}" for t in tests]
 
-    lines = [
-        "| current data | runs | flagged (p < 0.01) | median p: inputs KS | embeddings KS | embeddings MMD "
-        "| labels χ² | predictions χ² |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| validation, i.i.d. (last check) | {len(iid)} | {sum(r['val_final_flag'] for r in iid)} "
-        f"| {' | '.join(median_p(iid, 'val_p'))} |",
-        f"| validation, i.i.d. (any of {EPOCHS // EVERY} checks) | {len(iid)} | {sum(r['val_any_flag'] for r in iid)} "
-        "| | | | | |",
-        f"| validation + N(0, {SIGMA}²) noise | {len(iid)} | {sum(r['noise_flag'] for r in iid)} "
-        f"| {' | '.join(median_p(iid, 'noise_p'))} |",
+    header = "| current data | runs | flagged (p < 0.01) | median p: inputs KS | embeddings KS | embeddings MMD "
+    rows = [
+        ("validation, i.i.d. (last check)", iid, "val_final_flag", median_p(iid, "val_p")),
+        (f"validation, i.i.d. (any of {EPOCHS // EVERY} checks)", iid, "val_any_flag", [""] * 5),
+        (f"validation + N(0, {SIGMA}²) noise", iid, "noise_flag", median_p(iid, "noise_p")),
     ]
+    lines = [header + "| labels χ² | predictions χ² |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {len(r)} | {sum(x[flag] for x in r)} | {' | '.join(p)} |" for name, r, flag, p in rows]
     if backdoor:
         asr = statistics.fmean(r["asr"] for r in backdoor)
         lines.append(

@@ -122,6 +122,40 @@ class RecordingClassifier(LightningModule):
         return epochs
 
 
+class Recorder(LightningModule):
+    """A user's classifier that records each step's inputs, labels and loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.criterion = nn.CrossEntropyLoss()
+        self.steps = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = split_batch(batch)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.steps.append({"x": x.detach().clone(), "y": y.clone(), "logits": logits.detach(), "loss": loss.detach()})
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class DumpWeightSum(Callback):
+    """Each rank's sum of the weights at the end of training, for DDP tests."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        total = float(sum(p.double().sum() for p in pl_module.parameters()))
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps({"weights": total}))
+
+
 class DumpHistory(Callback):
     """Writes each rank's PerClassMetrics history at the end of fit, for DDP tests."""
 

@@ -56,13 +56,14 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
     assert result.returncode == 0
     for line in (
         (
-            "recipe: cifar10_pgd_at, digits_backdoor, digits_clean, digits_fast_at, digits_loss_sweep, "
-            "digits_pairflip, digits_pgd_at, digits_sym40, digits_sym40_elr, digits_trades, mnist_pgd_at"
+            "recipe: cifar10_pgd_at, digits_backdoor, digits_clean, digits_fast_at, digits_injection, "
+            "digits_loss_sweep, digits_pairflip, digits_pgd_at, digits_sym40, digits_sym40_elr, digits_sym40_mixup, "
+            "digits_trades, mnist_pgd_at"
         ),
         "adversarial: fgsm_rs, pgd, trades",
-        "poison: backdoor, pair_flip, symmetric",
-        "filter: default",
-        "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, nce_rce, sce, taylor",
+        "poison: backdoor, class_injection, pair_flip, symmetric",
+        "filter: default, near_duplicates",
+        "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
         "model: small_cnn",
         "trainer: default",
@@ -152,3 +153,17 @@ def test_the_adversarial_recipes_report_robust_accuracy_per_class(tmp_path, reci
     assert "Robust accuracy (pgd, 20 steps, eps 0.1):" in result.stdout
     results = json.loads((run_folder(result.stdout) / "results.json").read_text())
     assert results["test/robust_accuracy/macro"] < results["test/accuracy/macro"]
+
+
+def test_the_regularization_recipes_run(tmp_path):
+    fast = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+    result = cli("recipe=digits_injection", *fast, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PoisonFilter flagged" in result.stdout and "poisoned in train" in result.stdout
+    result = cli("recipe=digits_sym40_mixup", "loss=label_smoothing", "model.weight_decay=5e-4", *fast, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((run_folder(result.stdout) / "config.yaml").read_text())
+    assert config["callbacks"]["mixup"]["alpha"] == 1.0 and config["loss"]["label_smoothing"] == 0.1
+    assert config["model"]["weight_decay"] == 5e-4
+    result = cli("model.weight_decay=-1", *fast, cwd=tmp_path)
+    assert result.returncode != 0 and "weight_decay must be >= 0" in result.stderr

@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import StructuredDigits, split_batch, trainer_kwargs
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from helpers import DumpWeightSum, Recorder, StructuredDigits, split_batch, trainer_kwargs
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import AdversarialTraining, CutMix, Mixup, RobustLoss
 from robust_lightning.losses import ELRLoss, GCELoss
 from robust_lightning.losses.elr import ema_update
-
-
-class Recorder(LightningModule):
-    """A user's classifier that records each step's inputs, labels and loss."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        self.criterion = nn.CrossEntropyLoss()
-        self.steps = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = split_batch(batch)
-        logits = self(x)
-        loss = self.criterion(logits, y)
-        self.steps.append({"x": x.detach().clone(), "y": y.clone(), "logits": logits.detach(), "loss": loss.detach()})
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 class Before(Callback):
@@ -122,21 +98,12 @@ def test_cutmix_refuses_feature_vectors():
         fit([CutMix()], Flat())
 
 
-class DumpWeights(Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_end(self, trainer, pl_module):
-        total = float(sum(p.double().sum() for p in pl_module.parameters()))
-        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps({"weights": total}))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [Mixup, CutMix])
 def test_two_process_ddp_keeps_the_ranks_in_step(tmp_path, kind):
     trainer = Trainer(
         **trainer_kwargs(devices=2, strategy="ddp_spawn", limit_val_batches=0, default_root_dir=tmp_path),
-        callbacks=[kind(), DumpWeights(str(tmp_path))],
+        callbacks=[kind(), DumpWeightSum(str(tmp_path))],
     )
     trainer.fit(Recorder(), datamodule=StructuredDigits())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -160,7 +160,7 @@ def test_a_bound_loss_leaves_the_run_behind_when_copied():
 def test_reweighting_with_class_weights_and_an_ignore_index_beyond_the_classes():
     module = SmallCNN(criterion=torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10), ignore_index=255))
     swap = CriterionSwap.of(module)
-    swap.add(Reweight(swap, lambda n: torch.ones(n)))
+    swap.add(Reweight(swap, lambda target: torch.ones(len(target))))
     logits, y = torch.randn(6, 10), torch.tensor([1, 255, 3, 255, 9, 0])
     torch.testing.assert_close(
         module.criterion(logits, y),

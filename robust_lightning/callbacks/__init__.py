@@ -1,6 +1,7 @@
 """Lightning callbacks that add robustness to an unmodified LightningModule."""
 
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining
+from robust_lightning.callbacks.class_balance import ClassBalance
 from robust_lightning.callbacks.cutmix import CutMix
 from robust_lightning.callbacks.drift_monitor import DriftMonitor
 from robust_lightning.callbacks.mixup import Mixup
@@ -12,6 +13,7 @@ from robust_lightning.callbacks.run_report import RunReport
 
 __all__ = [
     "AdversarialTraining",
+    "ClassBalance",
     "CutMix",
     "DriftMonitor",
     "Mixup",

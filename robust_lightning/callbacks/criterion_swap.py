@@ -169,15 +169,15 @@ class CriterionSwap:
 class Reweight:
     """A :class:`CriterionSwap` stage that multiplies each sample's term by a weight.
 
-    ``weights(batch_size)`` gives the current batch's weights, or None to leave the loss as it is
-    (validation, or a batch the weights do not cover).
+    ``weights(target)`` gives the weights of the current batch, whose targets the loss got, or None
+    to leave the loss as it is (validation, or a batch the weights do not cover).
     """
 
-    def __init__(self, swap: CriterionSwap, weights: Callable[[int], Tensor | None]) -> None:
+    def __init__(self, swap: CriterionSwap, weights: Callable[[Tensor], Tensor | None]) -> None:
         self.swap, self.weights = swap, weights
 
     def __call__(self, compute: Compute, reduction: str, input: Tensor, target: Tensor, *args: Any, **kwargs: Any):
-        weights = self.weights(len(target))
+        weights = self.weights(target)
         if weights is None:
             return compute(reduction, input, target, *args, **kwargs)
         terms = compute("none", input, target, *args, **kwargs)

@@ -283,9 +283,9 @@ class PoisonFilter(Callback):
         self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).cpu())
         self._epoch_count.index_add_(0, ids, torch.ones(len(ids)))
 
-    def _batch_weights(self, batch_size: int) -> Tensor | None:
+    def _batch_weights(self, target: Tensor) -> Tensor | None:
         ids = self._data.batch_ids
-        if not self._trainer_training or ids is None or len(ids) != batch_size:
+        if not self._trainer_training or ids is None or len(ids) != len(target):
             return None
         weights = torch.ones(len(ids))
         weights[self.flags[ids]] = self.weight

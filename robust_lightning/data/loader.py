@@ -29,7 +29,11 @@ class IdBatch(NamedTuple):
 
 
 class IndexedDataset(Dataset):
-    """Return ``(sample, id)``, with the label (and, for input drills, the input) replaced where a drill poisoned it."""
+    """Return ``(sample, id)``, with the label (and, for input drills, the input) replaced where a drill poisoned it.
+
+    Samples an injection drill added follow the base dataset's: id ``len(base) + k`` is a copy of
+    ``base[sources[k]]`` with its input replaced by ``inputs[k]`` (under ``input_key``).
+    """
 
     def __init__(
         self,
@@ -38,19 +42,29 @@ class IndexedDataset(Dataset):
         labels: Tensor | None = None,
         poisoned: Tensor | None = None,
         poison_input: tuple[Key, Callable[[Tensor], Tensor]] | None = None,
+        injected: tuple[Key, Tensor, Tensor] | None = None,
     ):
         self.base, self.target_key, self.labels, self.poisoned = base, target_key, labels, poisoned
-        self.poison_input = poison_input
+        self.poison_input, self.injected = poison_input, injected
 
-    def __len__(self) -> int:
+    @property
+    def num_base(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def __len__(self) -> int:
+        return self.num_base + (len(self.injected[1]) if self.injected is not None else 0)
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        sample = self.base[index]
+        if index >= self.num_base:
+            input_key, sources, inputs = self.injected
+            added = index - self.num_base
+            sample = replace_field(self.base[int(sources[added])], input_key, inputs[added])
+        else:
+            sample = self.base[index]
         if self.poisoned is not None and self.poisoned[index]:
             label = relabel(get_field(sample, self.target_key), int(self.labels[index]))
             sample = replace_field(sample, self.target_key, label)
-            if self.poison_input is not None:
+            if self.poison_input is not None and index < self.num_base:
                 input_key, stamp = self.poison_input
                 sample = replace_field(sample, input_key, stamp(get_field(sample, input_key)))
         return sample, index

@@ -29,7 +29,7 @@ from robust_lightning.data.validation import (
 )
 from robust_lightning.integrity.manifest import IntegrityError, Manifest, mismatch_message
 from robust_lightning.losses.sample_state import PerSampleLoss
-from robust_lightning.poison.base import InputPoison, LabelPoison
+from robust_lightning.poison.base import InjectionPoison, InputPoison, LabelPoison
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RobustDataModule(LightningDataModule):
     def __init__(
         self,
         datamodule: LightningDataModule,
-        poison: LabelPoison | None = None,
+        poison: LabelPoison | InjectionPoison | None = None,
         validate: bool = True,
         num_classes: int | None = None,
         target_key: Key | None = None,
@@ -110,7 +110,7 @@ class RobustDataModule(LightningDataModule):
             raise ValueError(f"on_mismatch must be 'error' or 'warn', got {on_mismatch!r}.")
         if not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"RobustDataModule wraps a LightningDataModule, got {type(datamodule).__name__}.")
-        if poison is not None and not isinstance(poison, LabelPoison):
+        if poison is not None and not isinstance(poison, (LabelPoison, InjectionPoison)):
             raise TypeError(f"poison must be a drill from robust_lightning.poison, got {type(poison).__name__}.")
         num_classes = num_classes if num_classes is not None else getattr(datamodule, "num_classes", None)
         try:
@@ -194,10 +194,12 @@ class RobustDataModule(LightningDataModule):
         labels = None
         if self._reads_splits or self.poison is not None:
             train = self._scan("train", base)
-        poison_input = None
+        poison_input = injected = None
         if isinstance(self.poison, InputPoison):
             poison_input = self._prepare_input_poison(base, train.labels)
-        if self.poison is not None:
+        if isinstance(self.poison, InjectionPoison):
+            injected, labels = self._inject(base, train.labels)
+        elif self.poison is not None:
             labels, self.poison_mask = self.poison(train.labels, self.num_classes)
         if self._reads_splits:
             self._scan("val")
@@ -206,11 +208,14 @@ class RobustDataModule(LightningDataModule):
                 # Read now for the train/test overlap; its problems stop trainer.test, not training.
                 self._scan("test", strict=False)
         if self.validate:
-            self.summary = summarize(self._scans, self.num_classes, self.poison_mask)
+            poisoned_labels = (
+                None if self.poison_mask is None else _original_labels(train.labels, labels)[self.poison_mask]
+            )
+            self.summary = summarize(self._scans, self.num_classes, poisoned_labels)
             _log_summary(self.summary, self.poison)
         target_key = resolve_key(base[0], self.target_key, "target")
-        self._train = IndexedDataset(base, target_key, labels, self.poison_mask, poison_input)
-        self._excluded = torch.zeros(len(base), dtype=torch.bool)
+        self._train = IndexedDataset(base, target_key, labels, self.poison_mask, poison_input, injected)
+        self._excluded = torch.zeros(len(self._train), dtype=torch.bool)
         if self._restored_excluded is not None:
             self._apply_restored(self._restored_excluded)
 
@@ -221,7 +226,8 @@ class RobustDataModule(LightningDataModule):
                 if isinstance(loss, PerSampleLoss):
                     loss.bind(self)
 
-    def _prepare_input_poison(self, base: Dataset, labels: Tensor) -> tuple[Key, Any]:
+    def _tensor_inputs(self, base: Dataset) -> tuple[Key, Any]:
+        """Where the train samples' input is, and a reader of the stacked inputs of given ids."""
         input_key = resolve_key(base[0], self.input_key, "input")
         if not isinstance(get_field(base[0], input_key), Tensor):
             raise TypeError(
@@ -229,8 +235,21 @@ class RobustDataModule(LightningDataModule):
                 f"samples' input is a {type(get_field(base[0], input_key)).__name__}. Convert it in your dataset "
                 "(e.g. torchvision's ToTensor), or pass input_key=... if the input is another entry."
             )
-        self.poison.prepare(lambda ids: torch.stack([get_field(base[int(i)], input_key) for i in ids]), labels)
+        return input_key, lambda ids: torch.stack([get_field(base[int(i)], input_key) for i in ids])
+
+    def _prepare_input_poison(self, base: Dataset, labels: Tensor) -> tuple[Key, Any]:
+        input_key, read_inputs = self._tensor_inputs(base)
+        self.poison.prepare(read_inputs, labels)
         return input_key, self.poison.poison_input
+
+    def _inject(self, base: Dataset, labels: Tensor) -> tuple[tuple[Key, Tensor, Tensor], Tensor]:
+        """The injection drill's samples, after the base ones; the labels and the ground truth of all."""
+        input_key, read_inputs = self._tensor_inputs(base)
+        injection = self.poison.inject(read_inputs, labels, self.num_classes)
+        self.poison_mask = torch.cat(
+            [torch.zeros(len(labels), dtype=torch.bool), torch.ones(len(injection.labels), dtype=torch.bool)]
+        )
+        return (input_key, injection.sources, injection.inputs), torch.cat([labels, injection.labels])
 
     def _user_train_loader(self) -> tuple[DataLoader, bool]:
         """The wrapped datamodule's train loader, and whether it shuffles; refused before any data is read."""
@@ -275,9 +294,9 @@ class RobustDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self._require_train()
         user_loader, shuffle = self._user_train_loader()
-        if len(user_loader.dataset) != len(train):
+        if len(user_loader.dataset) != train.num_base:
             raise RuntimeError(
-                f"train_dataloader() now returns {len(user_loader.dataset)} samples, but setup saw {len(train)}. "
+                f"train_dataloader() now returns {len(user_loader.dataset)} samples, but setup saw {train.num_base}. "
                 "RobustDataModule fixes the training set at setup (ids, checks, drills): keep it the same size."
             )
         # The same samples in a new dataset object (rebuilt per call, with fresh augmentation): train on it.
@@ -334,6 +353,14 @@ class RobustDataModule(LightningDataModule):
         """The training sample with this id, as training sees it (with the drill's changes)."""
         sample, _ = self._require_train()[index]
         return sample
+
+    @property
+    def train_labels(self) -> Tensor:
+        """The label of every training id as training sees it: the drill's, injected samples included."""
+        train = self._require_train()
+        if train.labels is not None:
+            return train.labels.clone()
+        return self._scan("train", train.base).labels.clone()
 
     @property
     def num_train(self) -> int:
@@ -431,7 +458,12 @@ class RobustDataModule(LightningDataModule):
         self._excluded = excluded.clone()
 
 
+def _original_labels(before: Tensor, after: Tensor) -> Tensor:
+    """The label each sample had before the drill: its own, or for an injected sample the one it was given."""
+    return torch.cat([before, after[len(before) :]])
+
+
 @rank_zero_only
-def _log_summary(summary: DataSummary, poison: LabelPoison | None) -> None:
+def _log_summary(summary: DataSummary, poison: LabelPoison | InjectionPoison | None) -> None:
     drill = f"poisoned with {poison!r}\n" if poison is not None else ""
     log.info("Data summary (samples per class):\n%s%s", drill, summary)

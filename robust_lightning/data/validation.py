@@ -262,8 +262,11 @@ def _valid(labels: Tensor, num_classes: int) -> Tensor:
     return labels[(labels >= 0) & (labels < num_classes)]
 
 
-def summarize(scans: Mapping[str, SplitScan], num_classes: int, poison_mask: Tensor | None = None) -> DataSummary:
-    """Build the :class:`DataSummary` of scanned splits; duplicates compare input digests of train and test."""
+def summarize(scans: Mapping[str, SplitScan], num_classes: int, poisoned_labels: Tensor | None = None) -> DataSummary:
+    """Build the :class:`DataSummary` of scanned splits; duplicates compare input digests of train and test.
+
+    ``poisoned_labels`` are the original classes of the samples a drill poisoned (or added).
+    """
     counts = {
         name: torch.bincount(_valid(scan.labels, num_classes), minlength=num_classes).tolist()
         for name, scan in scans.items()
@@ -275,6 +278,6 @@ def summarize(scans: Mapping[str, SplitScan], num_classes: int, poison_mask: Ten
             test_ids[digest].append(i)
         duplicates = [(i, j) for i, digest in enumerate(scans["train"].digests) for j in test_ids.get(digest, [])]
     poisoned = None
-    if poison_mask is not None:
-        poisoned = torch.bincount(scans["train"].labels[poison_mask], minlength=num_classes).tolist()
+    if poisoned_labels is not None:
+        poisoned = torch.bincount(poisoned_labels, minlength=num_classes).tolist()
     return DataSummary(num_classes, counts, duplicates, poisoned)

@@ -7,6 +7,7 @@ functional twin on plain tensors. :data:`DETECTORS` maps the names used in confi
 from robust_lightning.detectors.base import Detection, Detector, Signals, detection_quality, margins_of
 from robust_lightning.detectors.clustering import ActivationClustering, activation_clustering, two_means
 from robust_lightning.detectors.combine import Ensemble, combine
+from robust_lightning.detectors.duplicates import NearDuplicates, near_duplicates
 from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
 from robust_lightning.detectors.knn import KNNLabelConsistency, ReferenceKNN, knn_label_consistency, reference_knn
 from robust_lightning.detectors.spectral import (
@@ -17,7 +18,14 @@ from robust_lightning.detectors.spectral import (
 
 DETECTORS = {
     cls.name: cls
-    for cls in (SpectralSignatures, ActivationClustering, KNNLabelConsistency, ReferenceKNN, AreaUnderMargin)
+    for cls in (
+        SpectralSignatures,
+        ActivationClustering,
+        KNNLabelConsistency,
+        ReferenceKNN,
+        AreaUnderMargin,
+        NearDuplicates,
+    )
 }
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "Detector",
     "Ensemble",
     "KNNLabelConsistency",
+    "NearDuplicates",
     "ReferenceKNN",
     "Signals",
     "SpectralSignatures",
@@ -38,6 +47,7 @@ __all__ = [
     "exclusionary_reclassification",
     "knn_label_consistency",
     "margins_of",
+    "near_duplicates",
     "reference_knn",
     "reference_spectral_signatures",
     "spectral_signatures",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 class SmallCNN(LightningModule):
     """Two 3x3 convolutions (32 and 64 channels), average pooling to 2x2, then 64 and ``num_classes`` units.
 
-    Adam at a constant ``lr``; the default 3e-3 learns the 1,293 training digits within 40 epochs
+    Adam at a constant ``lr`` (with L2 ``weight_decay``, none by default); the default 3e-3 learns the 1,293 training digits within 40 epochs
     (97.5% clean test accuracy at seed 0), where 1e-3 stays near 93.6%.
 
     It knows nothing of robust-lightning: ``training_step`` does ``x, y = batch`` and the loss is
@@ -23,11 +23,18 @@ class SmallCNN(LightningModule):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 1, lr: float = 3e-3, criterion: nn.Module | None = None
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        lr: float = 3e-3,
+        criterion: nn.Module | None = None,
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
         self.save_hyperparameters(ignore=["criterion"])  # a module: saved with the weights, not as a hyperparameter
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
@@ -64,4 +71,4 @@ class SmallCNN(LightningModule):
         self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -5,14 +5,18 @@ changed label moves to a *different* class.
 """
 
 from robust_lightning.poison.backdoor import BackdoorTrigger, stamp_trigger
-from robust_lightning.poison.base import InputPoison, LabelPoison, PoisonResult
+from robust_lightning.poison.base import Injection, InjectionPoison, InputPoison, LabelPoison, PoisonResult
+from robust_lightning.poison.class_injection import ClassInjection
 from robust_lightning.poison.feature_shift import FeatureShift, feature_shift
 from robust_lightning.poison.pair_flip import PairFlip, pair_flip
 from robust_lightning.poison.symmetric import SymmetricNoise, symmetric_noise
 
 __all__ = [
     "BackdoorTrigger",
+    "ClassInjection",
     "FeatureShift",
+    "Injection",
+    "InjectionPoison",
     "InputPoison",
     "LabelPoison",
     "PairFlip",

@@ -102,3 +102,32 @@ class InputPoison(LabelPoison):
 
     def prepare(self, read_inputs: Callable[[Tensor], Tensor], labels: Tensor) -> None:
         """Look at the training inputs before poisoning: ``read_inputs(ids)`` stacks those samples' inputs."""
+
+
+class Injection(NamedTuple):
+    """Samples a drill adds: the id each copies its other entries from, its input and its label."""
+
+    sources: Tensor
+    inputs: Tensor
+    labels: Tensor
+
+
+class InjectionPoison(ABC):
+    """A drill that adds samples to the training set, made from existing ones.
+
+    Subclasses implement :meth:`inject`. The added samples come after the original ones, so
+    their ids are ``n, n + 1, ...``; the ground-truth mask marks exactly them.
+    """
+
+    def __init__(self, fraction: float, seed: int = 0) -> None:
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction (of the training set to add) must lie in (0, 1], got {fraction!r}.")
+        self.fraction, self.seed = float(fraction), int(seed)
+
+    @abstractmethod
+    def inject(self, read_inputs: Callable[[Tensor], Tensor], labels: Tensor, num_classes: int) -> Injection:
+        """The samples to add, given ``read_inputs(ids)`` (the stacked inputs of those ids) and the labels."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,58 @@
+"""Biased injection: near-duplicates of one class added to the training set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from robust_lightning.poison.base import Injection, InjectionPoison, check_labels, count_for
+
+
+def near_duplicates_of(inputs: Tensor, noise: float, generator: torch.Generator) -> Tensor:
+    """``inputs`` plus Gaussian noise of std ``noise``, kept within the inputs' own range."""
+    low, high = inputs.min(), inputs.max()
+    return (inputs + noise * torch.randn(inputs.shape, generator=generator)).clamp(low, high)
+
+
+class ClassInjection(InjectionPoison):
+    """Add ``round(fraction * n)`` slightly perturbed copies of class ``target``'s training samples.
+
+    Each copy is a random sample of class ``target`` (drawn with replacement) plus Gaussian noise
+    of std ``noise``, clipped to the range of that class's inputs, and labelled ``target``, or
+    ``relabel`` when given. The training set then leans toward one outcome: data biased toward
+    a class, or (with ``relabel``) a class pushed into another's region.
+
+    Example:
+        >>> labels = torch.tensor([0, 0, 1, 1, 1])
+        >>> inputs = torch.rand(5, 3)
+        >>> added = ClassInjection(target=1, fraction=0.4).inject(lambda ids: inputs[ids], labels, num_classes=2)
+        >>> added.labels.tolist(), bool((labels[added.sources] == 1).all())
+        ([1, 1], True)
+    """
+
+    def __init__(
+        self, target: int, fraction: float, noise: float = 0.03, relabel: int | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(fraction, seed)
+        if not noise >= 0:
+            raise ValueError(f"noise must be a non-negative std, got {noise!r}.")
+        if relabel is not None and relabel == target:
+            raise ValueError("relabel must name another class than target, or be None to keep the label.")
+        self.target, self.noise, self.relabel = int(target), float(noise), relabel
+
+    def inject(self, read_inputs: Callable[[Tensor], Tensor], labels: Tensor, num_classes: int) -> Injection:
+        labels = check_labels(labels, num_classes)
+        for name, cls in (("target", self.target), ("relabel", self.relabel)):
+            if cls is not None and not 0 <= cls < num_classes:
+                raise ValueError(f"{name}={cls} is not a class in [0, {num_classes}).")
+        pool = (labels == self.target).nonzero().flatten()
+        if len(pool) == 0:
+            raise ValueError(f"ClassInjection copies class {self.target}, which has no training sample.")
+        generator = torch.Generator().manual_seed(self.seed)
+        count = count_for(self.fraction, len(labels))
+        sources = pool[torch.randint(len(pool), (count,), generator=generator)]
+        inputs = near_duplicates_of(read_inputs(sources).float(), self.noise, generator)
+        label = self.target if self.relabel is None else self.relabel
+        return Injection(sources, inputs, torch.full((count,), label, dtype=torch.long))
