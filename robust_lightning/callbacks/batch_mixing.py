@@ -37,7 +37,7 @@ class BatchMixing(Callback):
     """
 
     def __init__(
-        self, alpha: float, attr: str = "criterion", input_key: Key | None = None, target_key: Key | None = None
+        self, alpha: float = 1.0, attr: str = "criterion", input_key: Key | None = None, target_key: Key | None = None
     ) -> None:
         if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(

@@ -32,8 +32,5 @@ class Mixup(BatchMixing):
         21
     """
 
-    def __init__(self, alpha: float = 1.0, attr: str = "criterion", input_key=None, target_key=None) -> None:
-        super().__init__(alpha, attr, input_key, target_key)
-
     def mix(self, x: Tensor, lam: float, permutation: Tensor) -> tuple[Tensor, float]:
         return mixup(x, lam, permutation), lam
