@@ -67,12 +67,35 @@ def test_a_loss_without_soft_targets_gets_the_two_term_form():
         torch.testing.assert_close(step["loss"], expected)
 
 
-def test_elr_moves_its_targets_once_per_step_under_mixup():
+class CleanLogits(Callback):
+    """Listed before the mixing callback: the model's outputs on each unmixed batch, in eval mode."""
+
+    def __init__(self):
+        self.logits = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.eval()
+        with torch.no_grad():
+            self.logits.append(pl_module(split_batch(batch)[0]))
+        pl_module.train()
+
+
+def test_elr_under_mixup_follows_the_unmixed_predictions_once_per_step_and_mixes_its_targets():
     elr = ELRLoss(num_classes=10, beta=0.7)
-    module = fit([RobustLoss(elr), Mixup()], RobustDataModule(StructuredDigits(shuffle=False)), limit_train_batches=1)
-    step = module.steps[0]
-    expected = ema_update(torch.zeros(64, 10), step["logits"], beta=0.7)  # one update from the initial zeros
-    torch.testing.assert_close(elr.ema_targets[:64], expected)
+    clean, mixing = CleanLogits(), Mixup()
+    drawn = Before(mixing)
+    datamodule = RobustDataModule(StructuredDigits(shuffle=False))
+    module = fit([RobustLoss(elr), clean, mixing, drawn], datamodule, limit_train_batches=1)
+    targets = ema_update(torch.zeros(64, 10), clean.logits[0], beta=0.7)  # one update from the initial zeros
+    torch.testing.assert_close(elr.ema_targets[:64], targets)
+    step, (lam, permutation) = module.steps[0], drawn.draws[0]
+    mixed_targets = lam * targets + (1 - lam) * targets[permutation]
+    y, logits = step["y"], step["logits"]
+    cross_entropy = lam * nn.functional.cross_entropy(logits, y) + (1 - lam) * nn.functional.cross_entropy(
+        logits, y[permutation]
+    )
+    regularizer = (1 - (mixed_targets * logits.softmax(1).clamp(1e-4, 1 - 1e-4)).sum(1)).log().mean()
+    torch.testing.assert_close(step["loss"], cross_entropy + 3.0 * regularizer)
 
 
 def test_mixing_follows_the_attack_and_refuses_what_it_cannot_compose_with():

@@ -11,9 +11,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from robust_lightning.augment import mixed_targets
-from robust_lightning.callbacks.adversarial_training import AdversarialTraining
+from robust_lightning.callbacks.adversarial_training import AdversarialTraining, attack_mode
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
+from robust_lightning.losses.sample_state import Mixing, PerSampleLoss
 
 
 class BatchMixing(Callback):
@@ -26,8 +27,10 @@ class BatchMixing(Callback):
     * a loss that takes class probabilities as targets (torch's ``CrossEntropyLoss`` without class
       weights, label smoothing included) gets one call with ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``;
     * any other loss (the robust losses of :mod:`robust_lightning.losses`, a weighted CE) gets the
-      two-term form ``lam * L(logits, y) + (1 - lam) * L(logits, y[perm])``. ELR moves its
-      per-sample targets once per step, not once per term.
+      two-term form ``lam * L(logits, y) + (1 - lam) * L(logits, y[perm])``. ELR is handled as in
+      its paper's ELR+: its per-sample targets follow the model's predictions on the unmixed batch
+      (one extra forward without gradients, in eval mode), once per step, and each mixed sample is
+      held to the same mix of its two samples' targets.
 
     With :class:`~robust_lightning.callbacks.AdversarialTraining` the attack comes first and the
     mixing second: list AdversarialTraining before the mixing callback (the other order is
@@ -83,6 +86,8 @@ class BatchMixing(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self._swap is not None:
+            if isinstance(self._swap.active, PerSampleLoss):
+                self._swap.active.mixing = None
             self._swap.remove(self._mixed_loss)
         self._mix = None
 
@@ -97,13 +102,28 @@ class BatchMixing(Callback):
         lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         permutation = torch.randperm(len(x), device=x.device)
         mixed, lam = self.mix(x, lam, permutation)
+        self._tell_per_sample_loss(trainer, pl_module, x, lam, permutation)
         x.copy_(mixed)  # in place: Lightning hands training_step this very batch
         self._mix = (lam, permutation)
+
+    def _tell_per_sample_loss(
+        self, trainer: Trainer, pl_module: LightningModule, x: Tensor, lam: float, permutation: Tensor
+    ) -> None:
+        loss = self._swap.active
+        if not isinstance(loss, PerSampleLoss):
+            return
+        clean_logits = None
+        if loss.uses_clean_logits:
+            with torch.no_grad(), attack_mode(pl_module), trainer.precision_plugin.forward_context():
+                clean_logits = pl_module(x).detach()
+        loss.mixing = Mixing(lam, permutation, clean_logits)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._mix = None
+        if isinstance(self._swap.active, PerSampleLoss):
+            self._swap.active.mixing = None
 
     def _mixed_loss(
         self, compute: Compute, reduction: str, input: Tensor, target: Tensor, *args: Any, **kwargs: Any

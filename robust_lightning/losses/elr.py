@@ -59,6 +59,7 @@ class ELRLoss(PerSampleLoss):
     """
 
     per_sample_buffers = ("ema_targets",)
+    uses_clean_logits = True
 
     def __init__(
         self,
@@ -87,11 +88,18 @@ class ELRLoss(PerSampleLoss):
             raise ValueError(
                 f"ELRLoss was built for {self.ema_targets.shape[1]} classes, the logits have {input.shape[1]}."
             )
-        last = getattr(self, "_last_update", None)  # absent from a loss pickled by an earlier version
-        if last is not None and last[0]() is input and torch.equal(last[1], ids):
-            updated = last[2]  # the same logits again (mixup's second term): the targets move once per step
+        mixing = getattr(self, "mixing", None)  # absent from a loss pickled by an earlier version
+        # Under mixup the targets follow the predictions on the unmixed inputs, and the mixed sample is
+        # held to the mix of its two samples' targets, as in the paper's ELR+.
+        follows = mixing.clean_logits if mixing is not None and mixing.clean_logits is not None else input
+        last = getattr(self, "_last_update", None)
+        if last is not None and last[0]() is follows and torch.equal(last[1], ids):
+            updated = last[2]  # the same logits again (a mixed loss's second term): targets move once per step
         else:
-            updated = ema_update(self.ema_targets[ids].float(), input, self.beta)
+            updated = ema_update(self.ema_targets[ids].float(), follows, self.beta)
             self.write_rows("ema_targets", ids, updated)
-            self._last_update = (weakref.ref(input), ids.clone(), updated)
+            self._last_update = (weakref.ref(follows), ids.clone(), updated)
+        if mixing is not None:
+            permutation = mixing.permutation.to(updated.device)
+            updated = mixing.lam * updated + (1 - mixing.lam) * updated[permutation]
         return elr_terms(input, target, updated, self.lam)

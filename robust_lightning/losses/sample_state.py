@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,18 @@ class SampleSource(Protocol):
     current_epoch: int
 
 
+class Mixing(NamedTuple):
+    """How the current batch was mixed (by Mixup or CutMix), for losses whose per-sample state must know.
+
+    Sample ``i`` of the batch holds a ``lam`` share of its own input and the rest of sample
+    ``permutation[i]``'s; ``clean_logits`` are the model's outputs on the unmixed batch.
+    """
+
+    lam: float
+    permutation: Tensor
+    clean_logits: Tensor | None
+
+
 class PerSampleLoss(RobustLossBase):
     """A loss with one row of state per training sample, in buffers named in :attr:`per_sample_buffers`.
 
@@ -31,10 +43,13 @@ class PerSampleLoss(RobustLossBase):
     """
 
     per_sample_buffers: tuple[str, ...] = ()
+    # Whether a mixing callback must hand it the unmixed batch's logits (see :class:`Mixing`).
+    uses_clean_logits = False
 
     def __init__(self, weight: Sequence[float] | Tensor | None = None, reduction: str = "mean") -> None:
         super().__init__(weight, reduction)
         self.source: SampleSource | None = None
+        self.mixing: Mixing | None = None
 
     @property
     def needs_ids(self) -> bool:
@@ -94,7 +109,7 @@ class PerSampleLoss(RobustLossBase):
     def __getstate__(self) -> dict[str, Any]:
         # The source (a RobustDataModule, and through it the trainer) is the run's, not the loss's:
         # a pickled or deep-copied loss leaves it behind and is bound again by the next fit.
-        return {**self.__dict__, "source": None}
+        return {**self.__dict__, "source": None, "mixing": None}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in self.per_sample_buffers:  # a checkpoint of a bound loss holds one row per sample
