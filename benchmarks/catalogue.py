@@ -1,7 +1,7 @@
 """The recipe catalogue and the defence sweep: Hydra multiruns whose summaries go into the README.
 
 1. ``robust-lightning -m recipe=<every digits recipe>``: one job per recipe, at its own settings.
-2. ``robust-lightning -m recipe=digits_sym40 poison.rate=0.2,0.4,0.6 filter=null,default``: the
+2. ``robust-lightning -m recipe=digits_sym40 poison.rate=0.2,0.4,0.6 filter=none,default``: the
    filter against no filter across noise rates, as one summary table (summary.md of the sweep).
 
     python benchmarks/catalogue.py           # both sweeps (about 15 minutes on 2 cores); writes README.md
@@ -26,7 +26,7 @@ CATALOGUE_MARK, SWEEP_MARK = "<!-- recipe catalogue -->", "<!-- defence sweep --
 # Recipes that download data, and the loss sweep, which is itself a multirun, are left out.
 SKIPPED = {"mnist_pgd_at", "cifar10_pgd_at", "digits_loss_sweep"}
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in SKIPPED)
-SWEEP = ["recipe=digits_sym40", "poison.rate=0.2,0.4,0.6", "filter=null,default"]
+SWEEP = ["recipe=digits_sym40", "poison.rate=0.2,0.4,0.6", "filter=none,default"]
 
 
 def multirun(overrides: list[str], folder: Path) -> Path:

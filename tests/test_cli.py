@@ -62,7 +62,7 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
         ),
         "adversarial: fgsm_rs, pgd, trades",
         "poison: backdoor, class_injection, pair_flip, symmetric",
-        "filter: default, near_duplicates",
+        "filter: default, near_duplicates, none",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
         "model: small_cnn",
@@ -167,3 +167,15 @@ def test_the_regularization_recipes_run(tmp_path):
     assert config["model"]["weight_decay"] == 5e-4
     result = cli("model.weight_decay=-1", *fast, cwd=tmp_path)
     assert result.returncode != 0 and "weight_decay must be >= 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_ddp_cpu_trainer_config_runs_plain_ddp_into_one_run_folder(tmp_path):
+    # Plain DDP starts the command again for rank 1; Lightning points Hydra at the same run folder.
+    result = cli("trainer=ddp_cpu", "data.batch_size=32", "filter.start_epoch=1", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_folder(result.stdout).name]
+    folder = run_folder(result.stdout)
+    assert (folder / "flagged.csv").exists() and (folder / "report.html").exists()
+    assert "PoisonFilter flagged" in result.stdout, "rank zero's filter summary reaches the closing lines"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["strategy"] == "ddp"
