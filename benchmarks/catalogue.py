@@ -62,8 +62,8 @@ def catalogue_table(folder: Path) -> str:
 
 
 def sweep_table(folder: Path) -> str:
-    table = (folder / "summary.md").read_text().strip()
-    return f"{table}\n\nFrom `summary.md` of `robust-lightning -m {' '.join(SWEEP)}`."
+    title, table = (folder / "summary.md").read_text().strip().split("\n", 1)
+    return f"{title}, from `summary.md` of `robust-lightning -m {' '.join(SWEEP)}`:\n\n{table}"
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import trainer_kwargs
 from lightning.pytorch import Trainer
 from torch.utils.data import TensorDataset
 
@@ -14,7 +15,6 @@ from robust_lightning.data import DigitsDataModule
 from robust_lightning.integrity import IntegrityError, Manifest, build_manifest
 from robust_lightning.integrity.command import main as manifest_command
 from robust_lightning.models import SmallCNN
-from tests.helpers import trainer_kwargs
 
 
 class TamperedDigits(DigitsDataModule):
