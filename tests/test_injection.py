@@ -121,3 +121,9 @@ def test_class_balance_keeps_two_ddp_ranks_in_step(tmp_path):
     trainer.fit(Recorder(), datamodule=RobustDataModule(StructuredDigits(), poison=ClassInjection(0, 0.3)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
+
+
+def test_exact_copies_are_flagged_even_when_most_samples_have_one():
+    rows = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    flags = near_duplicates(torch.cat([rows, rows, rows[:3]])).flags
+    assert flags.tolist() == [False] * 10 + [True] * 13

@@ -139,3 +139,20 @@ def test_command_creates_and_verifies(tmp_path, capsys):
     assert "train:" in capsys.readouterr().err
     assert manifest_command(["verify", str(path), "data.sede=1"]) == 2
     assert "Could not override 'data.sede'" in capsys.readouterr().err
+
+
+def test_duplicated_samples_are_matched_with_their_labels():
+    from robust_lightning.integrity import diff_split
+
+    diff = diff_split([("a", 0), ("b", 1), ("a", 1)], [("b", 1), ("a", 1)])
+    assert (diff.removed, diff.relabelled, diff.moved, diff.changed) == ([0], [], [], [])
+
+
+def test_a_manifest_without_its_digest_is_refused(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"format": "robust-lightning-manifest/1", "splits": {}}))
+    with pytest.raises(IntegrityError, match="Cannot read the manifest"):
+        Manifest.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(IntegrityError, match="Cannot read the manifest"):
+        Manifest.load(path)

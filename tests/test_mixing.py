@@ -131,3 +131,26 @@ def test_two_process_ddp_keeps_the_ranks_in_step(tmp_path, kind):
     trainer.fit(Recorder(), datamodule=StructuredDigits())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
+
+
+def test_soft_targets_from_the_dataset_are_mixed_like_the_inputs():
+    class SoftLabels(Callback):
+        """Turns each batch's labels into one-hot probabilities before the mixing callback sees them."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batch[1] = nn.functional.one_hot(batch[1], 10).float()
+
+    class SoftRecorder(Recorder):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            loss = self.criterion(logits, y)
+            self.steps.append({"y": y.clone(), "logits": logits.detach(), "loss": loss.detach()})
+            return loss
+
+    mixing = Mixup()
+    drawn = Before(mixing)
+    module = fit([SoftLabels(), mixing, drawn], StructuredDigits("list"), module=SoftRecorder())
+    for step, (lam, permutation) in zip(module.steps, drawn.draws):
+        soft = lam * step["y"] + (1 - lam) * step["y"][permutation]
+        torch.testing.assert_close(step["loss"], nn.functional.cross_entropy(step["logits"], soft))

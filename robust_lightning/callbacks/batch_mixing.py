@@ -128,10 +128,12 @@ class BatchMixing(Callback):
     def _mixed_loss(
         self, compute: Compute, reduction: str, input: Tensor, target: Tensor, *args: Any, **kwargs: Any
     ) -> Tensor:
-        if self._mix is None or len(target) != len(self._mix[1]) or target.is_floating_point():
-            return compute(reduction, input, target, *args, **kwargs)  # not this step's batch, or targets already soft
+        if self._mix is None or len(target) != len(self._mix[1]):
+            return compute(reduction, input, target, *args, **kwargs)  # not this step's batch
         lam, permutation = self._mix
         permutation = permutation.to(target.device)
+        if target.is_floating_point():  # class probabilities from the dataset: mixed like the inputs
+            return compute(reduction, input, lam * target + (1 - lam) * target[permutation], *args, **kwargs)
         loss = self._swap.active
         if type(loss) is nn.CrossEntropyLoss and loss.weight is None and not (target == loss.ignore_index).any():
             soft = mixed_targets(target, permutation, lam, input.shape[1]).to(input.dtype)

@@ -38,9 +38,11 @@ def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
         nearest[rows] = distances.amin(1).cpu()
         later = torch.arange(n, device=x.device)[None, :] >= rows[:, None].to(x.device)
         earlier[rows] = distances.masked_fill(later, float("inf")).amin(1).cpu()
-    scale = nearest.median()
+    # Over distinct neighbours: with many exact copies the plain median would be 0 and flag nothing.
+    distinct = nearest[nearest > 0]
+    scale = distinct.median() if len(distinct) else torch.tensor(1.0)
     scores = scale / earlier.clamp_min(1e-12)
-    return Detection(scores, earlier < ratio * scale)
+    return Detection(scores, (earlier < ratio * scale) | (earlier == 0))
 
 
 class NearDuplicates:

@@ -86,14 +86,15 @@ def diff_split(recorded: Sequence[tuple[str, int]], current: Sequence[tuple[str,
 
 
 def _match(recorded: Sequence[tuple[str, int]], current: Sequence[tuple[str, int]]) -> dict[int, int]:
-    """Recorded id -> current position, pairing equal input digests, a sample's own place first."""
-    match = {i: i for i in range(min(len(recorded), len(current))) if recorded[i][0] == current[i][0]}
-    free: dict[str, list[int]] = defaultdict(list)
-    for i, (digest, _) in enumerate(recorded):
-        if i not in match:
-            free[digest].append(i)
-    taken = set(match.values())
-    for j, (digest, _) in enumerate(current):
-        if j not in taken and free.get(digest):
-            match[free[digest].pop(0)] = j
+    """Recorded id -> current position: a sample's own place first, then equal (digest, label), then equal digest."""
+    match = {i: i for i in range(min(len(recorded), len(current))) if recorded[i] == current[i]}
+    for key in (lambda sample: sample, lambda sample: sample[0]):  # exact sample first, then input alone
+        free: dict = defaultdict(list)
+        for i, sample in enumerate(recorded):
+            if i not in match:
+                free[key(sample)].append(i)
+        taken = set(match.values())
+        for j, sample in enumerate(current):
+            if j not in taken and free.get(key(sample)):
+                match[free[key(sample)].pop(0)] = j
     return match

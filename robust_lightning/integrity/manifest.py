@@ -87,20 +87,22 @@ class Manifest:
     def load(cls, path: str | Path) -> Manifest:
         try:
             document = json.loads(Path(path).read_text())
-            if document.get("format") != FORMAT:
-                raise ValueError(f"its format is {document.get('format')!r}, not {FORMAT!r}")
+            if not isinstance(document, dict) or document.get("format") != FORMAT:
+                found = document.get("format") if isinstance(document, dict) else type(document).__name__
+                raise ValueError(f"its format is {found!r}, not {FORMAT!r}")
             manifest = cls(
                 {
                     name: [(s["sha256"], int(s["label"])) for s in sorted(samples, key=lambda s: s["id"])]
                     for name, samples in document["splits"].items()
                 }
             )
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            stored = document["digest"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise IntegrityError(
                 f"Cannot read the manifest {path}: {error}. Fix: pass the file written by "
                 "`robust-lightning-manifest create` (or Manifest.save)."
             ) from error
-        if manifest.digest != document["digest"]:
+        if manifest.digest != stored:
             raise IntegrityError(
                 f"The manifest {path} does not match its own digest: it was edited or corrupted. "
                 "Fix: restore it from where it was published, or create it anew from trusted data."
