@@ -46,6 +46,12 @@ def check_labels(labels: Tensor, num_classes: int) -> Tensor:
     return labels.long()
 
 
+def drill_repr(drill: object) -> str:
+    """``Name(field=value, ...)`` of a drill's public settings, as logged in the data summary."""
+    fields = ", ".join(f"{k}={v!r}" for k, v in vars(drill).items() if not k.startswith("_"))
+    return f"{type(drill).__name__}({fields})"
+
+
 class LabelPoison(ABC):
     """A drill that changes labels only. Subclasses implement :meth:`select`.
 
@@ -67,8 +73,7 @@ class LabelPoison(ABC):
         """Return new labels for ``labels``; a changed entry must change class."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+        return drill_repr(self)
 
 
 class InputPoison(LabelPoison):
@@ -129,5 +134,4 @@ class InjectionPoison(ABC):
         """The samples to add, given ``read_inputs(ids)`` (the stacked inputs of those ids) and the labels."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+        return drill_repr(self)
