@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenario", choices=list(SCENARIOS), nargs="+", default=list(SCENARIOS))
     parser.add_argument("--methods", nargs="+", help="run only these rows of the scenarios")
-    parser.add_argument("--save", type=Path, help="write the rows here instead of the default results file")
+    parser.add_argument("--save", type=Path, help="write the rows (with --merge: the merged rows) to this file")
     parser.add_argument("--merge", type=Path, nargs="+", help="publish rows saved by earlier runs instead of running")
     parser.add_argument("--no-doc", action="store_true", help="print the table only")
     args = parser.parse_args()
@@ -168,6 +168,8 @@ def main() -> None:
                 for method, rows in methods.items():
                     results.setdefault(name, {}).setdefault(method, []).extend(rows)
         results = {name: results[name] for name in SCENARIOS if name in results}
+        if args.save:
+            args.save.write_text(json.dumps(results, indent=1))
     else:
         results = {name: scenario_rows(name, args.seeds, args.methods) for name in args.scenario}
         (args.save or RESULTS).write_text(json.dumps(results, indent=1))

@@ -40,6 +40,19 @@ def test_the_drill_appends_near_copies_of_one_class_with_a_ground_truth_mask():
     assert (relabelled.train_labels[n:] == 6).all()
 
 
+def test_copies_keep_the_inputs_dtype_and_the_whole_class_range():
+    labels = torch.tensor([0, 0, 1, 1])
+    images = torch.tensor([[0, 40], [200, 90], [10, 250], [0, 255]], dtype=torch.uint8)
+    beyond_own_range = False
+    for seed in range(5):
+        added = ClassInjection(0, 0.25, noise=300.0, seed=seed).inject(lambda ids: images[ids], labels, num_classes=2)
+        assert added.inputs.dtype == torch.uint8
+        assert added.inputs.min() >= 0 and added.inputs.max() <= 200, "within class 0's range"
+        source = images[added.sources]
+        beyond_own_range |= bool((added.inputs < source.min()).any() or (added.inputs > source.max()).any())
+    assert beyond_own_range, "clipped to the whole class's range, not to the copied sample's"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from robust_lightning import RobustDataModule
 from robust_lightning.data import DigitsDataModule
+from robust_lightning.data.validation import scan_split
 from robust_lightning.integrity import IntegrityError, Manifest, build_manifest
 from robust_lightning.integrity.command import main as manifest_command
 from robust_lightning.models import SmallCNN
@@ -114,6 +115,13 @@ def test_test_split_is_verified_before_testing(manifest_path):
     with pytest.raises(IntegrityError, match=r"test: 1 changed: ids 3\n"):
         Trainer(**trainer_kwargs()).test(SmallCNN(), datamodule=datamodule)
 
+    datamodule = RobustDataModule(_test_pixel(DigitsDataModule), manifest=manifest_path)
+    with pytest.warns(UserWarning, match=r"test: 1 changed: ids 3\n"):
+        trainer = _fit(datamodule)
+    assert trainer.global_step == 2, "a tampered test split does not stop training"
+    with pytest.raises(IntegrityError, match=r"test: 1 changed: ids 3\n"):
+        trainer.test(trainer.lightning_module, datamodule=datamodule)
+
 
 def test_an_edited_manifest_is_refused(manifest_path, tmp_path):
     document = json.loads(manifest_path.read_text())
@@ -139,6 +147,30 @@ def test_command_creates_and_verifies(tmp_path, capsys):
     assert "train:" in capsys.readouterr().err
     assert manifest_command(["verify", str(path), "data.sede=1"]) == 2
     assert "Could not override 'data.sede'" in capsys.readouterr().err
+
+
+class EmptyValDigits(DigitsDataModule):
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.val_set = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+
+
+def test_command_refuses_an_empty_split_with_its_fix(tmp_path, capsys):
+    path = tmp_path / "digits.json"
+    assert manifest_command(["create", str(path), f"data._target_={__name__}.EmptyValDigits"]) == 2
+    assert "The val split is empty. Fix:" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_the_sample_digest_covers_dtype_and_entry_names():
+    pixels = torch.arange(4, dtype=torch.int32)
+    variants = [
+        [{"x": pixels, "y": 0}],
+        [{"x": pixels.view(torch.float32), "y": 0}],  # the same bytes read as another dtype
+        [{"z": pixels, "y": 0}],  # the same tensor under another entry name
+    ]
+    digests = {scan_split("train", data, num_classes=1, target_key="y", check=False).digests[0] for data in variants}
+    assert len(digests) == 3
 
 
 def test_duplicated_samples_are_matched_with_their_labels():

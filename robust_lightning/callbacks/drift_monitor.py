@@ -63,7 +63,9 @@ class DriftMonitor(Callback):
     Embedding the training sample with the current model, rather than keeping the embeddings it
     had when it was trained on, compares like with like: drift is in the data, not in the model.
     Training samples come through the training dataset, so with heavy augmentation pass a
-    ``reference`` loader of unaugmented training data.
+    ``reference`` loader of unaugmented training data. They are the training data as given,
+    drawn before any filtering: samples a drill poisoned or PoisonFilter later excludes can be
+    among them. When a trusted set exists, pass it as ``reference`` to test against it instead.
 
     Args:
         reference_size: training samples in the reference sample.

@@ -143,6 +143,7 @@ class RobustDataModule(LightningDataModule):
         self._pending_reload: tuple[Trainer, int] | None = None
         self._train: IndexedDataset | None = None
         self._scans: dict[str, SplitScan] = {}
+        self._mismatches: dict[str, str] = {}  # split -> what the manifest check found
         for hook in _MIRRORED_HOOKS:
             if is_overridden(hook, datamodule, LightningDataModule):
                 setattr(self, hook, getattr(datamodule, hook))
@@ -266,7 +267,9 @@ class RobustDataModule(LightningDataModule):
                 return None
             progress = rank_zero_only.rank == 0
             self._scans[split] = scan_split(split, dataset, self.num_classes, self.target_key, False, progress)
-            self._verify(split)
+            self._verify(split, strict)
+        if strict and self.on_mismatch == "error" and split in self._mismatches:
+            raise IntegrityError(self._mismatches[split])
         scan = self._scans[split]
         if self.validate and scan.problems:
             error = DataValidationError.of(scan.problems)
@@ -279,16 +282,16 @@ class RobustDataModule(LightningDataModule):
     def _reads_splits(self) -> bool:
         return self.validate or self.manifest is not None
 
-    def _verify(self, split: str) -> None:
+    def _verify(self, split: str, strict: bool) -> None:
+        """Check a split against the manifest; an error waits for a strict read (the test split's, at test)."""
         if self.manifest is None:
             return
         diffs = {name: diff for name, diff in self.manifest.verify({split: self._scans[split]}).items() if diff}
         if not diffs:
             return
-        message = mismatch_message(diffs, self.manifest_source or "given")
-        if self.on_mismatch == "error":
-            raise IntegrityError(message)
-        rank_zero_warn(message)
+        self._mismatches[split] = mismatch_message(diffs, self.manifest_source or "given")
+        if self.on_mismatch == "warn" or not strict:
+            rank_zero_warn(self._mismatches[split])
 
     # ------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

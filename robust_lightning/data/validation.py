@@ -121,13 +121,14 @@ class _SplitChecker:
         for path, value in leaves:
             tensor = _as_tensor(value)
             if tensor is None:
-                digest.update(_opaque_bytes(value))
+                digest.update(f"{path}\n".encode() + _opaque_bytes(value))
                 continue
             self.signatures[path][(tuple(tensor.shape), tensor.dtype)].append(index)
             if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor):
                 self.non_finite[path].append(index)
             if path != f"[{self.key!r}]":
-                digest.update(str(tuple(tensor.shape)).encode())
+                # Entry name, shape and dtype too: the same bytes read as another dtype or entry are other data.
+                digest.update(f"{path} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
                 digest.update(_raw_bytes(tensor))
         return (label if label is not None else -1), digest.hexdigest()
 

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 
+from robust_lightning.data.validation import DataValidationError
 from robust_lightning.integrity.manifest import IntegrityError, Manifest, build_manifest, mismatch_message
 
 _EPILOG = """examples:
@@ -50,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HydraException, ValueError) as error:
         print(f"robust-lightning-manifest: {error}", file=sys.stderr)
         return 2
-    current = build_manifest(instantiate(cfg.data), cfg.num_classes, cfg.robust.get("target_key"))
+    try:
+        current = build_manifest(instantiate(cfg.data), cfg.num_classes, cfg.robust.get("target_key"))
+    except DataValidationError as error:
+        print(f"robust-lightning-manifest: {error}", file=sys.stderr)
+        return 2
     if args.action == "create":
         current.save(args.path)
         counts = ", ".join(f"{name} {len(samples)}" for name, samples in current.splits.items())

@@ -38,8 +38,9 @@ def _digest(splits: Mapping[str, Samples]) -> str:
 class Manifest:
     """Per split, one ``(SHA-256 of the sample's inputs, label)`` per sample id, in id order.
 
-    The input digest covers every entry of a sample except its label, with shapes, so a changed
-    pixel, a changed label, an added, removed or reordered sample all show up in :meth:`verify`.
+    The input digest covers every entry of a sample except its label, with its name, shape and
+    dtype, so a changed pixel, a changed label, an added, removed or reordered sample, and the
+    same bytes read under another dtype or entry name all show up in :meth:`verify`.
     :attr:`digest` fingerprints the whole dataset in one string, to publish beside the data.
 
     Example:

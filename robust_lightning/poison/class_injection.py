@@ -10,10 +10,17 @@ from torch import Tensor
 from robust_lightning.poison.base import Injection, InjectionPoison, check_labels, count_for
 
 
-def near_duplicates_of(inputs: Tensor, noise: float, generator: torch.Generator) -> Tensor:
-    """``inputs`` plus Gaussian noise of std ``noise``, kept within the inputs' own range."""
-    low, high = inputs.min(), inputs.max()
-    return (inputs + noise * torch.randn(inputs.shape, generator=generator)).clamp(low, high)
+def near_duplicates_of(inputs: Tensor, noise: float, low: Tensor, high: Tensor, generator: torch.Generator) -> Tensor:
+    """``inputs`` plus Gaussian noise of std ``noise``, kept within ``[low, high]`` and in the inputs' dtype.
+
+    Integer inputs (uint8 images, say) are rounded back, so a batch never mixes dtypes; ``noise``
+    is in the inputs' own units.
+    """
+    work = inputs if inputs.is_floating_point() else inputs.float()
+    noisy = (work + noise * torch.randn(inputs.shape, generator=generator).to(work.dtype)).clamp(
+        float(low), float(high)
+    )
+    return noisy.to(inputs.dtype) if inputs.is_floating_point() else noisy.round().to(inputs.dtype)
 
 
 class ClassInjection(InjectionPoison):
@@ -52,7 +59,9 @@ class ClassInjection(InjectionPoison):
             raise ValueError(f"ClassInjection copies class {self.target}, which has no training sample.")
         generator = torch.Generator().manual_seed(self.seed)
         count = count_for(self.fraction, len(labels))
-        sources = pool[torch.randint(len(pool), (count,), generator=generator)]
-        inputs = near_duplicates_of(read_inputs(sources).float(), self.noise, generator)
+        drawn = torch.randint(len(pool), (count,), generator=generator)
+        class_inputs = read_inputs(pool)
+        inputs = near_duplicates_of(class_inputs[drawn], self.noise, class_inputs.min(), class_inputs.max(), generator)
+        sources = pool[drawn]
         label = self.target if self.relabel is None else self.relabel
         return Injection(sources, inputs, torch.full((count,), label, dtype=torch.long))
