@@ -14,7 +14,7 @@ from torch import Tensor
 
 from robust_lightning.callbacks.embedding import FeatureTap
 from robust_lightning.data.fields import Key
-from robust_lightning.data.loader import IdBatch
+from robust_lightning.data.loader import IdBatch, as_loader_list
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.data.validation import split_loader
 from robust_lightning.metrics.drift import DriftReport, drift_tests, random_projection
@@ -27,14 +27,6 @@ def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
-
-
-def _as_list(loaders: Any) -> list[Any]:
-    if loaders is None:
-        return []
-    if isinstance(loaders, Mapping):
-        return list(loaders.values())
-    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 class DriftMonitor(Callback):
@@ -145,11 +137,11 @@ class DriftMonitor(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        current = {"val": _as_list(trainer.val_dataloaders), **{k: [v] for k, v in self.dataloaders.items()}}
+        current = {"val": as_loader_list(trainer.val_dataloaders), **{k: [v] for k, v in self.dataloaders.items()}}
         self._check(trainer, pl_module, {name: loaders for name, loaders in current.items() if loaders})
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._check(trainer, pl_module, {"test": _as_list(trainer.test_dataloaders)})
+        self._check(trainer, pl_module, {"test": as_loader_list(trainer.test_dataloaders)})
 
     # ------------------------------------------------------------------ tests
     def _check(self, trainer: Trainer, pl_module: LightningModule, current: Mapping[str, list[Any]]) -> None:

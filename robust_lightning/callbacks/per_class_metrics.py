@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 )
 
 from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.data.loader import as_loader_list
 
 METRICS = ("accuracy", "precision", "recall", "f1")
 
@@ -196,10 +197,7 @@ class PerClassMetrics(Callback):
 
     def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:
         """Mask out the repeats that DDP pads evaluation sets with, so the counts match one process."""
-        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-        if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        loader = loaders[loader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        loader = as_loader_list(trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)[loader_idx]
         start = self._seen.get((stage, loader_idx), 0)
         self._seen[(stage, loader_idx)] = start + count
         return _not_padding(getattr(loader, "sampler", None), start, count)

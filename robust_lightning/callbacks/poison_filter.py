@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from robust_lightning.callbacks.restart import (
     training_state,
 )
 from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.data.loader import as_loader_list
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.detectors import (
     DETECTORS,
@@ -393,12 +394,9 @@ class PoisonFilter(Callback):
     def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         if trainer.val_dataloaders is None and is_overridden("val_dataloader", self._data, LightningDataModule):
             trainer.fit_loop.epoch_loop.val_loop.setup_data()  # no validation has run yet
-        loaders = trainer.val_dataloaders
-        if loaders is None:
+        loaders = as_loader_list(trainer.val_dataloaders)
+        if not loaders:
             return {}
-        if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         parts = [self._embed(trainer, pl_module, loader, with_ids=False) for loader in loaders]
         return {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
 

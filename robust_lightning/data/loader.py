@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -143,3 +143,16 @@ def rebuild_loader(
         pin_memory_device=loader.pin_memory_device,
         in_order=loader.in_order,
     )
+
+
+def as_loader_list(loaders: Any) -> list[Any]:
+    """Lightning's evaluation loaders (None, one loader, a list or a dict of them) as a list.
+
+    >>> as_loader_list(None), as_loader_list("a"), as_loader_list(["a", "b"]), as_loader_list({"x": "a"})
+    ([], ['a'], ['a', 'b'], ['a'])
+    """
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
