@@ -73,6 +73,21 @@ def test_history_is_restored_from_a_checkpoint(tmp_path):
     assert [r["epoch"] for r in restored.history] == [0, 1, 2]
 
 
+def test_testing_a_checkpoint_of_this_fit_keeps_the_history(tmp_path):
+    metrics = PerClassMetrics(num_classes=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/accuracy/macro", mode="min")  # an early epoch
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, enable_checkpointing=True, callbacks=[metrics, checkpoint]))
+    datamodule = RobustDataModule(StructuredDigits())
+    trainer.fit(RecordingClassifier(), datamodule=datamodule)
+    trainer.test(datamodule=datamodule, ckpt_path="best", verbose=False)
+    assert [(r["stage"], r["epoch"]) for r in metrics.history] == [("val", 0), ("val", 1), ("val", 2), ("test", 3)]
+    fresh = PerClassMetrics(num_classes=10)  # a new process testing the checkpoint gets the fit's history
+    Trainer(**trainer_kwargs(callbacks=[fresh])).test(
+        RecordingClassifier(), datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False
+    )
+    assert [r["stage"] for r in fresh.history][-1] == "test" and len(fresh.history) >= 2
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="integer >= 2"):
         PerClassMetrics(num_classes=1)

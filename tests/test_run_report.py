@@ -64,3 +64,35 @@ def test_a_run_without_filter_or_attack_gets_the_figures_it_has_evidence_for(tmp
     trainer.fit(SmallCNN(), datamodule=DigitsDataModule())
     assert check_report(tmp_path) == {"per_class_accuracy.png", "confusion.png"}
     assert "Confusion matrix (validation, epoch 1)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_follows_the_latest_evaluation_and_shows_names_literally(tmp_path):
+    names = ["<b>zero</b>", "a|b", "$x_", "_background", *map(str, range(4, 10))]
+    metrics = PerClassMetrics(10, class_names=names)
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[metrics, RunReport(tmp_path)]))
+    model = SmallCNN()
+    trainer.test(model, datamodule=DigitsDataModule(), verbose=False)  # a baseline before training
+    trainer.fit(model, datamodule=DigitsDataModule())
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Confusion matrix (validation, epoch 1)" in markdown, "the trained model's, not the baseline's"
+    assert "| &lt;b&gt;zero&lt;/b&gt; |" in markdown and "| a\\|b |" in markdown
+    assert check_report(tmp_path) == {"per_class_accuracy.png", "confusion.png"}
+
+
+def test_the_per_class_plot_keeps_every_class_in_its_legend(tmp_path):
+    from robust_lightning.report import plots
+
+    history = [{"epoch": 0, "accuracy": [1.0, 0.5], "confusion": [[3, 0], [1, 1]]}]
+    seen = []
+    original = plots.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        seen.extend(text.get_text().strip() for text in figure.axes[0].get_legend().get_texts())
+        return original(figure, *args, **kwargs)
+
+    plots.Figure.savefig = spy
+    try:
+        plots.per_class_accuracy(history, ["_background", "$cat"], tmp_path / "a.png")
+    finally:
+        plots.Figure.savefig = original
+    assert seen == ["_background", "$cat", "macro"]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler
@@ -158,6 +159,7 @@ class PerClassMetrics(Callback):
         self.min_count, self.warmup_epochs = int(min_count), int(warmup_epochs)
         self.history: list[dict[str, Any]] = []
         self.restarts: list[int] = []  # epochs at which the model was restarted from scratch
+        self._keep_history = False
         self._metrics: dict[str, MetricCollection] = {}
         self._seen: dict[tuple[str, int], int] = {}
 
@@ -282,6 +284,14 @@ class PerClassMetrics(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(record) for record in self.history], "restarts": list(self.restarts)}
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Testing a checkpoint (e.g. ckpt_path="best") of the fit this callback just watched must not roll its
+        # history back to that checkpoint's; resuming fit, or a fresh callback, takes the checkpoint's history.
+        self._keep_history = trainer.state.fn != TrainerFn.FITTING and bool(self.history)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_history:
+            self._keep_history = False
+            return
         self.history = [dict(record) for record in state_dict["history"]]
         self.restarts = list(state_dict.get("restarts", []))  # absent from checkpoints of earlier versions

@@ -6,15 +6,38 @@ touches the global backend or the figures of the user's own session.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
 
 _DPI = 110
+
+
+def _literal_text(draw: Callable[..., Path]) -> Callable[..., Path]:
+    """Draw with mathtext off: a ``$`` in a class name or title is a dollar sign, not a formula."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Path:
+        with rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def macro(record: dict[str, Any], metric: str = "accuracy") -> float:
+    """``record[metric]`` averaged over the classes that occur as a label or a prediction, as logged.
+
+    >>> macro({"accuracy": [1.0, 0.5, 0.0], "confusion": [[2, 0, 0], [1, 1, 0], [0, 0, 0]]})
+    0.75
+    """
+    confusion = np.asarray(record["confusion"])
+    present = (confusion.sum(0) + confusion.sum(1)) > 0
+    return float(np.asarray(record[metric])[present].mean()) if present.any() else float("nan")
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -23,6 +46,7 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
+@_literal_text
 def per_class_accuracy(
     history: Sequence[dict[str, Any]], class_names: Sequence[str], path: Path, restarts: Sequence[int] = ()
 ) -> Path:
@@ -30,18 +54,21 @@ def per_class_accuracy(
 
     Example:
         >>> import tempfile
-        >>> history = [{"epoch": e, "accuracy": [0.5 + 0.1 * e, 0.9]} for e in range(3)]
+        >>> history = [{"epoch": e, "accuracy": [0.5 + 0.1 * e, 0.9], "confusion": [[5, 5], [1, 9]]} for e in range(3)]
         >>> per_class_accuracy(history, ["cat", "dog"], Path(tempfile.mkdtemp()) / "a.png").exists()
         True
     """
     epochs = [record["epoch"] for record in history]
     values = np.array([record["accuracy"] for record in history]) * 100
+    macros = [100 * macro(record) for record in history]
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     colours = _class_colours(len(class_names))
     for c, name in enumerate(class_names):
-        axes.plot(epochs, values[:, c], color=colours[c], label=name, linewidth=1.2)
-    axes.plot(epochs, values.mean(1), color="black", linewidth=2.2, label="macro")
+        # Matplotlib leaves labels that start with "_" out of the legend.
+        label = f" {name}" if name.startswith("_") else name
+        axes.plot(epochs, values[:, c], color=colours[c], label=label, linewidth=1.2)
+    axes.plot(epochs, macros, color="black", linewidth=2.2, label="macro")
     for epoch in restarts:
         axes.axvline(epoch, color="gray", linestyle="--", linewidth=1)
     axes.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Per-class validation accuracy")
@@ -50,6 +77,7 @@ def per_class_accuracy(
     return _save(figure, path)
 
 
+@_literal_text
 def confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: Path) -> Path:
     """Counts with true classes down and predicted classes across; the diagonal is what is right."""
     matrix = np.asarray(confusion)
@@ -71,6 +99,7 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[s
     return _save(figure, path)
 
 
+@_literal_text
 def score_histogram(scores: np.ndarray, poisoned: np.ndarray | None, flagged: np.ndarray, path: Path) -> Path:
     """Suspicion scores of the training samples; split by the drill's ground truth when there is one."""
     figure = Figure(figsize=(7, 4))
@@ -88,6 +117,7 @@ def score_histogram(scores: np.ndarray, poisoned: np.ndarray | None, flagged: np
     return _save(figure, path)
 
 
+@_literal_text
 def sample_grid(images: np.ndarray, captions: Sequence[str], title: str, path: Path) -> Path:
     """Images ``(N, C, H, W)`` (C of 1 or 3), each scaled to its own range, with a caption each."""
     count = len(images)
@@ -105,6 +135,7 @@ def sample_grid(images: np.ndarray, captions: Sequence[str], title: str, path: P
     return _save(figure, path)
 
 
+@_literal_text
 def robust_accuracy(
     clean: Sequence[float], robust: Sequence[float], class_names: Sequence[str], title: str, path: Path
 ) -> Path:
@@ -121,6 +152,7 @@ def robust_accuracy(
     return _save(figure, path)
 
 
+@_literal_text
 def drift_statistics(history: Sequence[dict[str, Any]], alpha: float, path: Path) -> Path:
     """Each drift test's p-value across epochs, one panel per monitored dataset, on a log scale."""
     names = list(dict.fromkeys(record["name"] for record in history))

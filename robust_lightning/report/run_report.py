@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
@@ -41,8 +40,9 @@ def _first(trainer: Trainer, kind: type, exact: bool = False) -> Any:
     return next(found, None)
 
 
-def _latest(history: list[dict[str, Any]], stage: str) -> dict[str, Any] | None:
-    return next((record for record in reversed(history) if record["stage"] == stage), None)
+def _latest(history: list[dict[str, Any]], stage: str | None = None) -> dict[str, Any] | None:
+    """The last record of ``stage``, or with None the last evaluation of either stage."""
+    return next((record for record in reversed(history) if stage in (None, record["stage"])), None)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -81,7 +81,7 @@ def _per_class(metrics: PerClassMetrics, folder: Path) -> list[Section]:
             text.append(f"The model was restarted from scratch at epoch(s) {metrics.restarts} (dashed lines).")
         figure = plots.per_class_accuracy(val, metrics.class_names, folder / "per_class_accuracy.png", metrics.restarts)
         sections.append(Section("Per-class accuracy across epochs", text, bullets=alerts[:30], figure=figure))
-    latest = _latest(metrics.history, "test") or _latest(metrics.history, "val")
+    latest = _latest(metrics.history)  # a test run before fit must not stand for the model that fit trained
     if latest is not None:
         stage = {"test": "test", "val": "validation"}[latest["stage"]]
         title = f"Confusion matrix ({stage}, epoch {latest['epoch']})"
@@ -100,15 +100,15 @@ def _per_class(metrics: PerClassMetrics, folder: Path) -> list[Section]:
 
 
 def _robust(metrics: PerClassMetrics, robust: RobustEvaluation, folder: Path) -> Section | None:
-    clean, attacked = _latest(metrics.history, "test"), _latest(robust.history, "test")
-    if clean is None or attacked is None:
+    clean, attacked = _latest(metrics.history), _latest(robust.history, "test")
+    if clean is None or clean["stage"] != "test" or attacked is None:
         return None
     attack = robust.attack if isinstance(robust.attack, str) else "the given attack"
     title = f"Robust accuracy per class ({attack}, eps {robust.eps}, {robust.steps} steps)"
     figure = plots.robust_accuracy(
         clean["accuracy"], attacked["accuracy"], metrics.class_names, title, folder / "robust_accuracy.png"
     )
-    mean = 100 * float(np.mean(attacked["accuracy"]))
+    mean = 100 * plots.macro(attacked)
     return Section(title, [f"Test accuracy under attack: {mean:.1f}% on average over classes."], figure=figure)
 
 
@@ -210,19 +210,24 @@ def report_sections(trainer: Trainer, pl_module: LightningModule, folder: Path) 
 
 
 # --------------------------------------------------------------------------------------- rendering
+def _md(value: Any) -> str:
+    """Text as Markdown shows it literally: no raw HTML, and no ``|`` that would split a table cell."""
+    return html.escape(str(value), quote=False).replace("|", "\\|")
+
+
 def render_markdown(title: str, sections: list[Section], root: Path) -> str:
-    lines = [f"# {title}", ""]
+    lines = [f"# {_md(title)}", ""]
     for section in sections:
-        lines += [f"## {section.title}", ""]
-        lines += [*(f"{line}" for line in section.text), ""]
+        lines += [f"## {_md(section.title)}", ""]
+        lines += [*(_md(line) for line in section.text), ""]
         if section.table is not None:
             header, rows = section.table
-            lines += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+            lines += ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(_md, row)) + " |" for row in rows]
             lines.append("")
-        lines += [f"- {bullet}" for bullet in section.bullets] + ([""] if section.bullets else [])
+        lines += [f"- {_md(bullet)}" for bullet in section.bullets] + ([""] if section.bullets else [])
         if section.figure is not None:
-            lines += [f"![{section.title}]({section.figure.relative_to(root).as_posix()})", ""]
+            lines += [f"![{_md(section.title)}]({section.figure.relative_to(root).as_posix()})", ""]
     return "\n".join(lines)
 
 
