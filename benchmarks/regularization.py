@@ -158,7 +158,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
                     f"| {_cell(rows, 'clean_flagged', 100, 2)} |"
                 )
         lines.append("")
-    return "\n".join(lines) + "Regenerate with `python benchmarks/regularization.py` (about 40 minutes on one core)."
+    return "\n".join(lines) + "Regenerate with `python benchmarks/regularization.py` (about 65 minutes on one core)."
 
 
 def main() -> None:
