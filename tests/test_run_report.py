@@ -59,7 +59,8 @@ def test_the_report_can_be_written_on_request(full_run, tmp_path):
     assert check_report(tmp_path) == FIGURES
 
 
-def test_a_run_without_filter_or_attack_gets_the_figures_it_has_evidence_for(tmp_path):
+def test_a_run_without_filter_or_attack_gets_the_figures_it_has_evidence_for(full_run, tmp_path):
+    write_report(full_run[1], dirpath=tmp_path)  # an earlier report in the same folder: its extra figures go
     trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[PerClassMetrics(10), RunReport(tmp_path)]))
     trainer.fit(SmallCNN(), datamodule=DigitsDataModule())
     assert check_report(tmp_path) == {"per_class_accuracy.png", "confusion.png"}

@@ -280,6 +280,9 @@ def write_report(
     pl_module = pl_module if pl_module is not None else trainer.lightning_module
     root = Path(dirpath if dirpath is not None else (trainer.log_dir or trainer.default_root_dir))
     sections = report_sections(trainer, pl_module, root / "report")
+    drawn = {section.figure for section in sections if section.figure is not None}
+    for stale in set((root / "report").glob("*.png")) - drawn:  # a figure an earlier write drew, this one not
+        stale.unlink()
     (root / "report.md").write_text(render_markdown(title, sections, root))
     path = root / "report.html"
     path.write_text(render_html(title, sections, root))
