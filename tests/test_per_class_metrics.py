@@ -139,6 +139,7 @@ def test_the_macro_average_skips_classes_absent_from_labels_and_predictions():
     assert float(trainer.callback_metrics["test/recall/macro"]) == pytest.approx(
         recall_score(truth, predicted, average="macro"), abs=1e-6
     )
+    assert metrics.history[-1]["macro"]["recall"] == pytest.approx(float(trainer.callback_metrics["test/recall/macro"]))
 
 
 class OneShardOfDigits(StructuredDigits):

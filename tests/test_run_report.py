@@ -83,7 +83,7 @@ def test_the_report_follows_the_latest_evaluation_and_shows_names_literally(tmp_
 def test_the_per_class_plot_keeps_every_class_in_its_legend(tmp_path):
     from robust_lightning.report import plots
 
-    history = [{"epoch": 0, "accuracy": [1.0, 0.5], "confusion": [[3, 0], [1, 1]]}]
+    history = [{"epoch": 0, "accuracy": [1.0, 0.5], "macro": {"accuracy": 0.75}}]
     seen = []
     original = plots.Figure.savefig
 

@@ -80,8 +80,8 @@ class PerClassMetrics(Callback):
     torchmetrics), and the macro mean as ``{stage}/{metric}/macro``, over the classes that occur as a
     label or a prediction (as torchmetrics averages). The values are synced across DDP ranks, and the
     repeats that DDP pads an evaluation set with are left out, so they equal those of one process.
-    Several evaluation dataloaders are pooled. Each epoch's values and confusion matrix are appended
-    to :attr:`history`, which is saved in checkpoints.
+    Several evaluation dataloaders are pooled. Each epoch's values, their logged macro means
+    (``"macro"``) and confusion matrix are appended to :attr:`history`, which is saved in checkpoints.
 
     The callback runs the module's ``forward`` on each evaluation batch's inputs, so the module
     needs no change as long as ``forward(x)`` returns logits.
@@ -221,6 +221,7 @@ class PerClassMetrics(Callback):
         record.update({metric: values[metric].tolist() for metric in METRICS})
         record["confusion"] = values["confusion"].tolist()
         record["support"] = values["confusion"].sum(1).tolist()
+        record["macro"] = {metric: float(scalars[f"{stage}/{self.prefix}{metric}/macro"]) for metric in METRICS}
         if stage == "val" and not self.prefix:
             record["alerts"] = self._alerts(record)
             scalars["val/alerts"] = torch.tensor(float(len(record["alerts"])))

@@ -29,17 +29,6 @@ def _literal_text(draw: Callable[..., Path]) -> Callable[..., Path]:
     return drawn
 
 
-def macro(record: dict[str, Any], metric: str = "accuracy") -> float:
-    """``record[metric]`` averaged over the classes that occur as a label or a prediction, as logged.
-
-    >>> macro({"accuracy": [1.0, 0.5, 0.0], "confusion": [[2, 0, 0], [1, 1, 0], [0, 0, 0]]})
-    0.75
-    """
-    confusion = np.asarray(record["confusion"])
-    present = (confusion.sum(0) + confusion.sum(1)) > 0
-    return float(np.asarray(record[metric])[present].mean()) if present.any() else float("nan")
-
-
 def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=_DPI)
@@ -54,13 +43,14 @@ def per_class_accuracy(
 
     Example:
         >>> import tempfile
-        >>> history = [{"epoch": e, "accuracy": [0.5 + 0.1 * e, 0.9], "confusion": [[5, 5], [1, 9]]} for e in range(3)]
+        >>> history = [{"epoch": e, "accuracy": [0.5 + 0.1 * e, 0.9], "macro": {"accuracy": 0.7 + 0.05 * e}}
+        ...            for e in range(3)]
         >>> per_class_accuracy(history, ["cat", "dog"], Path(tempfile.mkdtemp()) / "a.png").exists()
         True
     """
     epochs = [record["epoch"] for record in history]
     values = np.array([record["accuracy"] for record in history]) * 100
-    macros = [100 * macro(record) for record in history]
+    macros = [100 * record["macro"]["accuracy"] for record in history]  # as logged: over the classes present
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     colours = _class_colours(len(class_names))
