@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from robust_lightning.attacks import ATTACKS, InputBounds, build_attack, perturb
 from robust_lightning.attacks.factory import AttackFactory
+from robust_lightning.callbacks.batch_seed import BatchSeed
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
 
@@ -42,7 +43,9 @@ class AdversarialTraining(Callback):
     unawares. ``attack="trades"`` keeps the clean inputs and adds TRADES' term,
     ``beta * KL(p(x) || p(x_adv))``, to the module's loss through its ``self.criterion``, in the
     same backward pass. Attacks run with the model in eval mode (BatchNorm statistics untouched)
-    and leave every submodule's mode as it was.
+    and leave every submodule's mode as it was. Their random draws depend only on the run's seed
+    and the batch's place (see :class:`~robust_lightning.callbacks.batch_seed.BatchSeed`), so a run
+    resumed from a checkpoint attacks each batch as the uninterrupted run would.
 
     Args:
         attack: ``"fgsm"``, ``"fgsm_rs"`` (random start, step 1.25 eps), ``"pgd"`` (L-inf),
@@ -105,6 +108,9 @@ class AdversarialTraining(Callback):
         self._swap: CriterionSwap | None = None
         self._adversarial: Tensor | None = None
         self._module: LightningModule | None = None
+        # Random starts come from a per-batch seed, not the global RNG: a resumed run repeats them,
+        # and attacks that reseed the global RNG (APGD, Square, FAB) leave the training's own draws alone.
+        self._seeds = BatchSeed()
 
     @property
     def trades(self) -> bool:
@@ -115,6 +121,12 @@ class AdversarialTraining(Callback):
         name = self.attack if isinstance(self.attack, str) else getattr(self.attack, "__name__", "factory")
         return self._generate_state_key(attack=name, eps=self.eps)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._seeds.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seeds.load_state_dict(state_dict)
+
     def epsilon(self, epoch: int) -> float:
         """The radius in ``epoch``: 0 before ``start_epoch``, then the warm-up ramp, then ``eps``."""
         if epoch < self.start_epoch:
@@ -124,6 +136,8 @@ class AdversarialTraining(Callback):
         return self.eps * min(1.0, (epoch - self.start_epoch + 1) / self.warmup_epochs)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._seeds.setup(trainer)
         if stage == "fit" and self.trades:
             self._swap = CriterionSwap.of(pl_module, by="AdversarialTraining(attack='trades')")
         self._module = pl_module
@@ -160,7 +174,7 @@ class AdversarialTraining(Callback):
             attack_mode(pl_module),
             torch.enable_grad(),
             precision.forward_context(),
-            _guard_rng(self.attack, x.device),
+            self._seeds.fork_for(trainer, batch_idx, x.device),
         ):
             adversarial = perturb(attack, bounds, x[:count], torch.as_tensor(y[:count], device=x.device))
         if self.trades:
@@ -181,22 +195,6 @@ class AdversarialTraining(Callback):
         if reduction == "none":
             return loss + self.beta * nn.functional.pad(kl, (0, len(input) - count))
         return loss + self.beta * (kl.sum() if reduction == "sum" else kl.sum() / len(input))
-
-
-@contextmanager
-def _guard_rng(attack: str | AttackFactory, device: torch.device) -> Iterator[None]:
-    """Keep attacks that reseed the global RNG (APGD, Square, FAB, AutoAttack) from repeating every batch's draws.
-
-    The built-in attacks draw from the global RNG as a hand-written loop would; a factory's attack
-    runs on a forked RNG, seeded by one draw from the global one so that its randomness still varies.
-    """
-    if not callable(attack):
-        yield
-        return
-    seed = int(torch.randint(2**62, (1,)))
-    with torch.random.fork_rng([device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from robust_lightning.augment import mixed_targets
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining, attack_mode
+from robust_lightning.callbacks.batch_seed import BatchSeed
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
 from robust_lightning.losses.sample_state import Mixing, PerSampleLoss
@@ -37,6 +38,10 @@ class BatchMixing(Callback):
     refused), so that each sample is attacked with its own label and the adversarial samples are
     then mixed. TRADES, whose term compares clean and adversarial predictions of the same samples,
     is refused.
+
+    The draws depend only on the run's seed and the batch's place (see
+    :class:`~robust_lightning.callbacks.batch_seed.BatchSeed`), so a resumed run mixes each batch as
+    the uninterrupted run would.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class BatchMixing(Callback):
         self.alpha, self.attr, self.input_key, self.target_key = float(alpha), attr, input_key, target_key
         self._swap: CriterionSwap | None = None
         self._mix: tuple[float, Tensor] | None = None
+        self._seeds = BatchSeed()
 
     def mix(self, x: Tensor, lam: float, permutation: Tensor) -> tuple[Tensor, float]:
         """The mixed inputs and the share of each sample's own input in them."""
@@ -58,10 +64,17 @@ class BatchMixing(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, attr=self.attr)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._seeds.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seeds.load_state_dict(state_dict)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._check_company(trainer)
+        self._seeds.setup(trainer)
         self._swap = CriterionSwap.of(pl_module, self.attr, by=type(self).__name__)
 
     def _check_company(self, trainer: Trainer) -> None:
@@ -99,9 +112,10 @@ class BatchMixing(Callback):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} mixes inputs given as a float tensor, got {type(x).__name__}.")
         check_owns_storage(x, "mixed inputs")
-        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
-        permutation = torch.randperm(len(x), device=x.device)
-        mixed, lam = self.mix(x, lam, permutation)
+        with self._seeds.fork_for(trainer, batch_idx, x.device):
+            lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
+            permutation = torch.randperm(len(x), device=x.device)
+            mixed, lam = self.mix(x, lam, permutation)
         self._tell_per_sample_loss(trainer, pl_module, x, lam, permutation)
         x.copy_(mixed)  # in place: Lightning hands training_step this very batch
         self._mix = (lam, permutation)

@@ -178,8 +178,9 @@ class PerClassMetrics(Callback):
             return
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
         y = get_field(batch, resolve_key(batch, self.target_key, "target"))
+        position = (_STAGES.index(stage), loader_idx, self._seen.get((stage, loader_idx), 0))
         try:
-            logits = self._logits(trainer, pl_module, x, y).detach()
+            logits = self._logits(trainer, pl_module, x, y, position).detach()
         except NotImplementedError as error:
             raise NotImplementedError(
                 f"{type(self).__name__} calls {type(pl_module).__name__}(x) to get logits. "
@@ -193,8 +194,13 @@ class PerClassMetrics(Callback):
             logits, y = logits[keep], y[keep]
         self._metrics[stage].update(logits, y)
 
-    def _logits(self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor) -> Tensor:
-        """The logits the metrics judge; a subclass may judge other inputs (adversarial ones)."""
+    def _logits(
+        self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor, position: tuple[int, ...]
+    ) -> Tensor:
+        """The logits the metrics judge; a subclass may judge other inputs (adversarial ones).
+
+        ``position`` (stage, loader, samples before this batch) tells the batch apart within the epoch.
+        """
         return pl_module(x)
 
     def _real_samples(self, trainer: Trainer, stage: str, loader_idx: int, count: int) -> Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchattacks
@@ -12,6 +13,7 @@ from torch import Tensor
 from robust_lightning.attacks import ATTACKS, InputBounds, build_attack, perturb
 from robust_lightning.attacks.factory import AttackFactory
 from robust_lightning.callbacks.adversarial_training import attack_mode
+from robust_lightning.callbacks.batch_seed import BatchSeed
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.data.fields import Key
 
@@ -29,7 +31,8 @@ class RobustEvaluation(PerClassMetrics):
         num_classes: number of classes.
         attack: ``"pgd"`` (L-inf, ``steps`` iterations of eps/4 with a random start), another name
             of :data:`~robust_lightning.attacks.ATTACKS`, ``"autoattack"`` (torchattacks' standard
-            L-inf AutoAttack, slow; the global RNG is left as it was), or a factory.
+            L-inf AutoAttack, slow), or a factory. Random starts are drawn per batch as in
+            :class:`AdversarialTraining`; the global RNG is left as it was.
         eps, steps, bounds: as for :class:`AdversarialTraining`.
 
     Example:
@@ -64,19 +67,34 @@ class RobustEvaluation(PerClassMetrics):
         if bounds is not None and not isinstance(bounds, InputBounds):
             raise TypeError(f"bounds must be an InputBounds, got {type(bounds).__name__}.")
         self.attack, self.eps, self.steps, self.bounds = attack, eps, steps, bounds or InputBounds()
+        self._seeds = BatchSeed()  # random starts that a resumed run repeats
 
     @property
     def state_key(self) -> str:
         name = self.attack if isinstance(self.attack, str) else getattr(self.attack, "__name__", "factory")
         return self._generate_state_key(num_classes=self.num_classes, attack=name, eps=self.eps)
 
-    def _logits(self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor) -> Tensor:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._seeds.setup(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "seeds": self._seeds.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "seeds" in state_dict:  # absent from checkpoints of earlier versions
+            self._seeds.load_state_dict(state_dict["seeds"])
+
+    def _logits(
+        self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor, position: tuple[int, ...]
+    ) -> Tensor:
         bounds = self.bounds.to(x.device)
         bounds.check(x, "This evaluation batch's inputs")
         attack = build_attack(self._factory(), pl_module, bounds, self.eps, self.steps)
-        devices = [x.device] if x.device.type == "cuda" else []
+        seeded = self._seeds.fork(x.device, trainer.global_rank, trainer.current_epoch, *position)
         # Inference tensors cannot be differentiated: clone them with inference mode off.
-        with torch.inference_mode(False), torch.enable_grad(), attack_mode(pl_module), torch.random.fork_rng(devices):
+        with torch.inference_mode(False), torch.enable_grad(), attack_mode(pl_module), seeded:
             x, y = x.clone(), torch.as_tensor(y, device=x.device).clone()
             with trainer.precision_plugin.forward_context():
                 adversarial = perturb(attack, bounds, x, y)
