@@ -122,6 +122,27 @@ def test_exclusion_rejects_unknown_ids_and_emptying_the_train_set():
     assert dm.excluded_ids.tolist() == []
 
 
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.arange(1293) < 3, r"boolean mask: pass the ids it marks, mask.nonzero\(\).flatten\(\)"),
+        ([1.5, 2.0], "torch.float32 numbers: pass integers"),
+        (["a"], "not readable as integers"),
+    ],
+)
+def test_ids_that_are_not_integers_are_refused_instead_of_rounded_or_read_as_zeros_and_ones(ids, message):
+    dm = RobustDataModule(StructuredDigits())
+    dm.setup("fit")
+    dm.exclude([7])
+    with pytest.raises(TypeError, match=message):
+        dm.exclude(ids)
+    with pytest.raises(TypeError, match=message):
+        dm.include(ids)
+    assert dm.excluded_ids.tolist() == [7], "nothing changed"
+    dm.exclude([])  # nothing asked for is fine
+    assert dm.excluded_ids.tolist() == [7]
+
+
 def test_the_sampler_shards_one_permutation_across_ranks():
     excluded = torch.zeros(103, dtype=torch.bool)
     excluded[[1, 2, 50]] = True
@@ -202,10 +223,19 @@ class ExcludeBadIdOnRankOne(Callback):
         RobustDataModule.from_trainer(trainer).exclude([99999] if trainer.global_rank == 1 else [3])
 
 
+class ExcludeFloatsOnRankOne(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        RobustDataModule.from_trainer(trainer).exclude([3.5] if trainer.global_rank == 1 else [3])
+
+
 @pytest.mark.slow
-def test_a_bad_id_on_one_rank_raises_on_every_rank_instead_of_hanging():
-    trainer = Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn", callbacks=[ExcludeBadIdOnRankOne()]))
-    with pytest.raises(Exception, match="do not exist"):
+@pytest.mark.parametrize(
+    "callback, message",
+    [(ExcludeBadIdOnRankOne(), "do not exist"), (ExcludeFloatsOnRankOne(), "take training ids")],
+)
+def test_a_bad_id_on_one_rank_raises_on_every_rank_instead_of_hanging(callback, message):
+    trainer = Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn", callbacks=[callback]))
+    with pytest.raises(Exception, match=message):
         trainer.fit(RecordingClassifier(), datamodule=RobustDataModule(StructuredDigits()))
 
 

@@ -393,7 +393,7 @@ class RobustDataModule(LightningDataModule):
 
     def _set_excluded(self, ids: Any, value: bool) -> None:
         self._require_train()
-        requested = self._agreed_request(torch.as_tensor(ids, dtype=torch.long).flatten())
+        requested = self._agreed_request(*_as_ids(ids))
         mask = self._excluded.clone()
         mask[requested] = value
         if bool(mask.all()):
@@ -406,21 +406,25 @@ class RobustDataModule(LightningDataModule):
             self._pending_reload = (trainer, trainer.reload_dataloaders_every_n_epochs)
             trainer.reload_dataloaders_every_n_epochs = 1
 
-    def _agreed_request(self, ids: Tensor) -> Tensor:
-        """The ids asked for on all ranks, as a mask; every rank raises alike if any asked for a bad id."""
+    def _agreed_request(self, ids: Tensor, problem: str | None) -> Tensor:
+        """The ids asked for on all ranks, as a mask; every rank raises alike if any asked for bad ids."""
         last = len(self._excluded) - 1
         outside = ids[(ids < 0) | (ids > last)]
-        requested = torch.zeros(len(self._excluded) + 1, dtype=torch.int32)
+        requested = torch.zeros(len(self._excluded) + 2, dtype=torch.int32)
         requested[ids[(ids >= 0) & (ids <= last)]] = 1
-        requested[-1] = len(outside)
+        requested[-2] = len(outside)
+        requested[-1] = problem is not None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             # On the strategy's device: NCCL gathers CUDA tensors only.
             requested = trainer.strategy.all_gather(requested.to(trainer.strategy.root_device)).sum(0).cpu()
         if requested[-1]:
+            what = f"were {problem}" if problem else "on another rank were not integers"
+            raise TypeError(f"exclude() and include() take training ids, but the ids {what}. Nothing was changed.")
+        if requested[-2]:
             where = f"{outside[:10].tolist()}" if len(outside) else "asked for on another rank"
             raise IndexError(f"Training ids {where} do not exist: ids run from 0 to {last}.")
-        return requested[:-1] > 0
+        return requested[:-2] > 0
 
     def _end_forced_reload(self, force: bool = False) -> None:
         """Give the user's reload setting back once Lightning trains from a loader with the current mask."""
@@ -459,6 +463,22 @@ class RobustDataModule(LightningDataModule):
                 f"{len(self._excluded)}. Resume with the same data as the run that saved the checkpoint."
             )
         self._excluded = excluded.clone()
+
+
+def _as_ids(ids: Any) -> tuple[Tensor, str | None]:
+    """The ids as a flat integer tensor, or why they are not ids: nothing is rounded or reinterpreted."""
+    none = torch.empty(0, dtype=torch.long)
+    try:
+        tensor = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as error:
+        return none, f"not readable as integers ({error})"
+    if tensor.numel() == 0:
+        return none, None
+    if tensor.dtype == torch.bool:
+        return none, "a boolean mask: pass the ids it marks, mask.nonzero().flatten()"
+    if tensor.is_floating_point() or tensor.is_complex():
+        return none, f"{tensor.dtype} numbers: pass integers"
+    return tensor.long().flatten(), None
 
 
 def _original_labels(before: Tensor, after: Tensor) -> Tensor:
