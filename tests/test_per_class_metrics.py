@@ -80,7 +80,9 @@ def test_testing_a_checkpoint_of_this_fit_keeps_the_history(tmp_path):
     datamodule = RobustDataModule(StructuredDigits())
     trainer.fit(RecordingClassifier(), datamodule=datamodule)
     trainer.test(datamodule=datamodule, ckpt_path="best", verbose=False)
-    assert [(r["stage"], r["epoch"]) for r in metrics.history] == [("val", 0), ("val", 1), ("val", 2), ("test", 3)]
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["epoch"]
+    assert best < trainer.current_epoch == 3
+    assert [(r["stage"], r["epoch"]) for r in metrics.history] == [("val", 0), ("val", 1), ("val", 2), ("test", best)]
     fresh = PerClassMetrics(num_classes=10)  # a new process testing the checkpoint gets the fit's history
     Trainer(**trainer_kwargs(callbacks=[fresh])).test(
         RecordingClassifier(), datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False
@@ -179,6 +181,29 @@ def test_a_targeted_flip_raises_alerts_that_name_its_classes():
     assert {"4", "8"} <= named, alerts
     assert any("of the predictions but holds" in alert for alert in alerts)
     assert float(trainer.callback_metrics["val/alerts"]) == len(metrics.history[-1]["alerts"])
+
+
+def test_a_validation_before_fit_neither_shortens_the_warm_up_nor_sets_a_best():
+    seed_everything(0)
+    # Margins so tight that any judged epoch of a model one epoch into training alerts.
+    metrics = PerClassMetrics(num_classes=10, warmup_epochs=1, share_margin=0.01, alert_margin=0.01, min_count=1)
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[metrics]))
+    model, data = SmallCNN(), RobustDataModule(DigitsDataModule())
+    trainer.validate(model, datamodule=data, verbose=False)
+    trainer.fit(model, datamodule=data)
+    baseline, first, second = metrics.history
+    assert not baseline["fitting"] and first["fitting"] and second["fitting"]
+    assert first["alerts"] == [], "the first fit epoch is still the warm-up: the baseline does not count"
+    assert second["alerts"], "the second is judged against the first"
+
+
+def test_the_warm_up_counts_epochs_when_each_epoch_validates_twice():
+    seed_everything(0)
+    metrics = PerClassMetrics(num_classes=10, warmup_epochs=2, share_margin=0.01, alert_margin=0.01, min_count=1)
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, val_check_interval=0.5, callbacks=[metrics]))
+    trainer.fit(SmallCNN(), datamodule=RobustDataModule(DigitsDataModule()))
+    assert [r["epoch"] for r in metrics.history] == [0, 0, 1, 1]
+    assert [bool(r["alerts"]) for r in metrics.history] == [False, False, False, True]
 
 
 def test_a_clean_run_stays_nearly_silent_and_alerts_can_be_turned_off():

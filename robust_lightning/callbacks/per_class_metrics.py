@@ -96,7 +96,9 @@ class PerClassMetrics(Callback):
       flip, or loses its own),
 
     and the change amounts to at least ``min_count`` samples, so that a small validation set does
-    not alert on one or two errors. When a callback restarts the model (PoisonFilter's restart),
+    not alert on one or two errors. Only the validations of fit count as earlier epochs: a
+    ``trainer.validate()`` before fit (a baseline) is judged but does not shorten the warm-up or
+    set a best. When a callback restarts the model (PoisonFilter's restart),
     the alerts judge the new model against its own past only, after its own warm-up.
 
     The alerts of each epoch are kept in its history record under ``"alerts"``.
@@ -110,7 +112,7 @@ class PerClassMetrics(Callback):
         share_margin: the relative gap between a class's prediction and label shares that raises an
             alert; None: no such alert.
         min_count: the fewest samples a change must amount to for an alert.
-        warmup_epochs: validation epochs without alerts at the start of training.
+        warmup_epochs: epochs of fit without alerts at the start of training (however often each validates).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -160,6 +162,7 @@ class PerClassMetrics(Callback):
         self.history: list[dict[str, Any]] = []
         self.restarts: list[int] = []  # epochs at which the model was restarted from scratch
         self._keep_history = False
+        self._weights_epoch: int | None = None  # the epoch of a checkpoint loaded for evaluation
         self._metrics: dict[str, MetricCollection] = {}
         self._seen: dict[tuple[str, int], int] = {}
 
@@ -172,6 +175,8 @@ class PerClassMetrics(Callback):
         # Metrics held by a callback are not submodules, so they must be put on the module's device.
         self._metrics = {s: _collection(self.num_classes).to(pl_module.device) for s in _STAGES}
         self._seen = {}
+        if stage == "fit":
+            self._weights_epoch = None
 
     def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, loader_idx: int) -> None:
         if trainer.sanity_checking:
@@ -223,7 +228,9 @@ class PerClassMetrics(Callback):
             key = f"{stage}/{self.prefix}{metric}"
             scalars[f"{key}/macro"] = values[metric][present].mean()
             scalars.update({f"{key}/{name}": v for name, v in zip(self.class_names, values[metric])})
-        record = {"stage": stage, "epoch": trainer.current_epoch}
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        epoch = trainer.current_epoch if fitting or self._weights_epoch is None else self._weights_epoch
+        record = {"stage": stage, "epoch": epoch, "fitting": fitting}
         record.update({metric: values[metric].tolist() for metric in METRICS})
         record["confusion"] = values["confusion"].tolist()
         record["support"] = values["confusion"].sum(1).tolist()
@@ -240,8 +247,9 @@ class PerClassMetrics(Callback):
         """What the new validation record shows against the history: the messages name each class."""
         alerts: list[str] = []
         since = self.restarts[-1] if self.restarts else 0
-        earlier = [r for r in self.history if r["stage"] == "val" and r["epoch"] >= since]
-        if len(earlier) < self.warmup_epochs:
+        # A trainer.validate() outside fit (a baseline before training) is neither a training epoch nor a best to keep.
+        earlier = [r for r in self.history if r["stage"] == "val" and r.get("fitting", True) and r["epoch"] >= since]
+        if len({r["epoch"] for r in earlier}) < self.warmup_epochs:  # epochs, however often each validates
             return alerts
         confusion = torch.tensor(record["confusion"])
         labels, predictions = confusion.sum(1), confusion.sum(0)
@@ -295,6 +303,8 @@ class PerClassMetrics(Callback):
         # Testing a checkpoint (e.g. ckpt_path="best") of the fit this callback just watched must not roll its
         # history back to that checkpoint's; resuming fit, or a fresh callback, takes the checkpoint's history.
         self._keep_history = trainer.state.fn != TrainerFn.FITTING and bool(self.history)
+        # Evaluating a checkpoint evaluates its weights: its records carry the epoch that saved them.
+        self._weights_epoch = None if trainer.state.fn == TrainerFn.FITTING else checkpoint.get("epoch")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._keep_history:
