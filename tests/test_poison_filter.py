@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
@@ -166,6 +166,19 @@ def test_the_filter_needs_robust_data_module_and_says_so():
 def test_nonsensical_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PoisonFilter(**kwargs)
+
+
+class StepAtRestart(Callback):
+    def on_model_restart(self, trainer):
+        self.step = trainer.global_step
+
+
+def test_a_weight_average_starts_again_with_the_restarted_model(tmp_path):
+    average, restart = WeightAveraging(), StepAtRestart()  # an equal average of the weights after every step
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=3, callbacks=[average, restart])
+    assert 0 < restart.step < trainer.global_step
+    assert int(average._average_model.n_averaged) == trainer.global_step - restart.step, "no step of the old model"
 
 
 def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):

@@ -77,11 +77,11 @@ class PoisonFilter(Callback):
     of fit when the next epoch starts (so the checkpoints of this epoch still hold the model their
     scores belong to), and the run is extended by the epochs spent (``max_steps`` by the steps), so that
     the restarted model trains ``max_epochs`` epochs without the suspects; the smaller filtered
-    epochs pay for most of it. ``EarlyStopping`` starts counting afresh (but one that stops the run
-    in the restart epoch itself, e.g. by ``stopping_threshold`` on the old model, ends it before
-    the restart); a ``ModelCheckpoint``
-    "best" score from before the restart is kept, so monitor a metric the restarted model will beat
-    or use ``save_last``. The schedule counts again from the restart: a round runs after
+    epochs pay for most of it. Lightning's ``WeightAveraging`` averages afresh.
+    ``EarlyStopping`` starts counting afresh (but one that stops the run in the restart epoch
+    itself, e.g. by ``stopping_threshold`` on the old model, ends it before the restart); a
+    ``ModelCheckpoint`` "best" score from before the restart is kept, so monitor a metric the
+    restarted model will beat or use ``save_last``. The schedule counts again from the restart: a round runs after
     ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
     precision, joined by ``rule``. On top of them, whatever the rule, a sample this filter
     excluded stays out while the restarted model, which has never trained on it, assigns it to

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
 
 
 def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -55,7 +55,17 @@ def reset_early_stopping(trainer: Trainer) -> None:
 
 
 def announce_restart(trainer: Trainer) -> None:
-    """Tell callbacks that judge the model against its own past (PerClassMetrics' alerts) that a new model starts."""
+    """Tell callbacks whose state follows the model (PerClassMetrics' alerts, weight averages) that a new model starts."""
     for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging):
+            _restart_average(callback)
         if hasattr(callback, "on_model_restart"):
             callback.on_model_restart(trainer)
+
+
+def _restart_average(callback: WeightAveraging) -> None:
+    # An average of the old model's weights and the restarted one's belongs to neither. An AveragedModel that has
+    # averaged nothing copies the weights at its next update; Lightning keeps it in a private attribute.
+    average = getattr(callback, "_average_model", None)
+    if average is not None:
+        average.n_averaged.zero_()
