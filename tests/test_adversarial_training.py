@@ -312,3 +312,27 @@ def test_an_attack_that_reseeds_the_global_rng_does_not_repeat_the_draws_of_trai
     draws = Draws()
     train(Classifier(), StructuredDigits(), [AdversarialTraining(reseeding, eps=EPS), draws], limit_train_batches=5)
     assert len(set(draws.values)) == 5
+
+
+def test_the_same_checkpoint_gets_the_same_robust_numbers_in_any_trainer(tmp_path):
+    seed_everything(0)
+    settings = {"enable_checkpointing": True, "default_root_dir": tmp_path}
+    trainer = Trainer(**trainer_kwargs(max_epochs=2, **settings), callbacks=[RobustEvaluation(num_classes=10, steps=1)])
+    trainer.fit(SmallCNN(), datamodule=DigitsDataModule())
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    after_fit = trainer.test(datamodule=DigitsDataModule(), ckpt_path=checkpoint, verbose=False)[0]
+    seed_everything(1)  # another process: its own initial seed, and an epoch counter at 0
+    fresh = Trainer(**trainer_kwargs(), callbacks=[RobustEvaluation(num_classes=10, steps=1)])
+    again = fresh.test(SmallCNN(), datamodule=DigitsDataModule(), ckpt_path=checkpoint, verbose=False)[0]
+    assert after_fit["test/robust_accuracy/macro"] == again["test/robust_accuracy/macro"]
+
+
+def test_a_checkpoint_saved_outside_fit_resumes_with_random_starts(tmp_path):
+    seed_everything(0)
+    attack, data = AdversarialTraining("fgsm_rs", eps=EPS), DigitsDataModule()
+    trainer = Trainer(**trainer_kwargs(max_epochs=1), callbacks=[attack])
+    trainer.validate(SmallCNN(), datamodule=data, verbose=False)
+    trainer.save_checkpoint(tmp_path / "validated.ckpt")  # the attack never set up for fit: no seed to keep
+    resumed = Trainer(**trainer_kwargs(max_epochs=1), callbacks=[AdversarialTraining("fgsm_rs", eps=EPS)])
+    resumed.fit(SmallCNN(), datamodule=data, ckpt_path=tmp_path / "validated.ckpt")
+    assert resumed.global_step > 0

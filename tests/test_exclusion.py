@@ -125,7 +125,8 @@ def test_exclusion_rejects_unknown_ids_and_emptying_the_train_set():
 @pytest.mark.parametrize(
     "ids, message",
     [
-        (torch.arange(1293) < 3, r"boolean mask: pass the ids it marks, mask.nonzero\(\).flatten\(\)"),
+        (torch.arange(1293) < 3, r"torch.bool mask: pass the ids it marks, mask.nonzero\(\).flatten\(\)"),
+        (torch.tensor([0, 1, 1], dtype=torch.uint8), "torch.uint8 mask"),
         ([1.5, 2.0], "torch.float32 numbers: pass integers"),
         (["a"], "not readable as integers"),
     ],

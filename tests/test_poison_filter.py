@@ -169,8 +169,13 @@ def test_nonsensical_settings_are_refused(kwargs, match):
 
 
 class StepAtRestart(Callback):
+    """Listed after the average: sees it as the restart left it."""
+
     def on_model_restart(self, trainer):
         self.step = trainer.global_step
+        average = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))._average_model.module
+        restarted = trainer.lightning_module.state_dict()
+        self.average_is_the_restarted_model = all(torch.equal(v, restarted[k]) for k, v in average.state_dict().items())
 
 
 def test_a_weight_average_starts_again_with_the_restarted_model(tmp_path):
@@ -179,6 +184,7 @@ def test_a_weight_average_starts_again_with_the_restarted_model(tmp_path):
     trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=3, callbacks=[average, restart])
     assert 0 < restart.step < trainer.global_step
     assert int(average._average_model.n_averaged) == trainer.global_step - restart.step, "no step of the old model"
+    assert restart.average_is_the_restarted_model, "until its next update too (an epoch away if updated per epoch)"
 
 
 def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):

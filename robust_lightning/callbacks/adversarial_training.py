@@ -110,7 +110,7 @@ class AdversarialTraining(Callback):
         self._module: LightningModule | None = None
         # Random starts come from a per-batch seed, not the global RNG: a resumed run repeats them,
         # and attacks that reseed the global RNG (APGD, Square, FAB) leave the training's own draws alone.
-        self._seeds = BatchSeed()
+        self._seeds = BatchSeed("adversarial")
 
     @property
     def trades(self) -> bool:

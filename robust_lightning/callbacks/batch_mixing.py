@@ -54,7 +54,7 @@ class BatchMixing(Callback):
         self.alpha, self.attr, self.input_key, self.target_key = float(alpha), attr, input_key, target_key
         self._swap: CriterionSwap | None = None
         self._mix: tuple[float, Tensor] | None = None
-        self._seeds = BatchSeed()
+        self._seeds = BatchSeed("mixing")
 
     def mix(self, x: Tensor, lam: float, permutation: Tensor) -> tuple[Tensor, float]:
         """The mixed inputs and the share of each sample's own input in them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,14 +17,15 @@ class BatchSeed:
 
     Lightning checkpoints neither the global RNG nor anything drawn from it, so a callback that drew
     its random starts or mixing weights from it would draw differently after a resume. Here every
-    batch's draws run on a forked RNG seeded from its position (run seed, rank, epoch, batch) through
-    NumPy's ``SeedSequence``, a hash made for deriving seeds: the draws are a function of where the
-    batch is, so a resumed run repeats the uninterrupted one's, and the global RNG is left as it was.
+    batch's draws run on a forked RNG seeded from the run seed, the stream's ``name`` and the batch's
+    position (rank, epoch, batch) through NumPy's ``SeedSequence``, a hash made for deriving seeds:
+    the draws are a function of where the batch is, so a resumed run repeats the uninterrupted
+    one's; callbacks draw independent streams; and the global RNG is left as it was.
     The run seed is rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set) and goes into
     checkpoints through the owning callback's ``state_dict``.
 
     Example:
-        >>> seeds = BatchSeed(run_seed=7)
+        >>> seeds = BatchSeed("example", run_seed=7)
         >>> with seeds.fork(torch.device("cpu"), 0, 2, 5):
         ...     first = torch.rand(2)
         >>> with seeds.fork(torch.device("cpu"), 0, 2, 5):
@@ -34,7 +36,8 @@ class BatchSeed:
         (True, False)
     """
 
-    def __init__(self, run_seed: int | None = None) -> None:
+    def __init__(self, name: str, run_seed: int | None = None) -> None:
+        self.stream = zlib.crc32(name.encode())
         self.run_seed = run_seed
 
     def setup(self, trainer: Trainer) -> None:
@@ -46,10 +49,12 @@ class BatchSeed:
         """Run the block on an RNG seeded from the run seed and ``position`` (non-negative integers)."""
         if self.run_seed is None:
             raise RuntimeError("BatchSeed.fork() before setup(): the run seed is not set yet.")
-        entropy = [self.run_seed, *position]
+        entropy = [self.run_seed, self.stream, *position]
         seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1  # manual_seed takes < 2**63
-        with torch.random.fork_rng([device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        on_cpu = device.type == "cpu"
+        with torch.random.fork_rng([] if on_cpu else [device], device_type=None if on_cpu else device.type):
+            # On the CPU, only its generator: torch.manual_seed would also reseed a GPU, which is not forked.
+            (torch.default_generator.manual_seed if on_cpu else torch.manual_seed)(seed)
             yield
 
     def fork_for(self, trainer: Trainer, batch_idx: int, device: torch.device) -> Iterator[None]:
@@ -57,7 +62,9 @@ class BatchSeed:
         return self.fork(device, trainer.global_rank, trainer.current_epoch, batch_idx)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_seed": self.run_seed}
+        # Nothing before setup (a checkpoint saved after validate or test), so that resuming keeps setup's seed.
+        return {} if self.run_seed is None else {"run_seed": self.run_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.run_seed = state_dict["run_seed"]
+        if state_dict.get("run_seed") is not None:
+            self.run_seed = state_dict["run_seed"]

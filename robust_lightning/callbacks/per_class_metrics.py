@@ -175,8 +175,7 @@ class PerClassMetrics(Callback):
         # Metrics held by a callback are not submodules, so they must be put on the module's device.
         self._metrics = {s: _collection(self.num_classes).to(pl_module.device) for s in _STAGES}
         self._seen = {}
-        if stage == "fit":
-            self._weights_epoch = None
+        self._weights_epoch = None  # set again by on_load_checkpoint, which comes after setup, if one is loaded
 
     def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, loader_idx: int) -> None:
         if trainer.sanity_checking:
@@ -249,7 +248,8 @@ class PerClassMetrics(Callback):
         since = self.restarts[-1] if self.restarts else 0
         # A trainer.validate() outside fit (a baseline before training) is neither a training epoch nor a best to keep.
         earlier = [r for r in self.history if r["stage"] == "val" and r.get("fitting", True) and r["epoch"] >= since]
-        if len({r["epoch"] for r in earlier}) < self.warmup_epochs:  # epochs, however often each validates
+        trained = {r["epoch"] for r in earlier if r["epoch"] < record["epoch"]}  # epochs, however often each validates
+        if len(trained) < self.warmup_epochs:
             return alerts
         confusion = torch.tensor(record["confusion"])
         labels, predictions = confusion.sum(1), confusion.sum(0)

@@ -58,14 +58,20 @@ def announce_restart(trainer: Trainer) -> None:
     """Tell callbacks whose state follows the model (PerClassMetrics' alerts, weight averages) that a new model starts."""
     for callback in trainer.callbacks:
         if isinstance(callback, WeightAveraging):
-            _restart_average(callback)
+            _restart_average(callback, trainer.lightning_module)
         if hasattr(callback, "on_model_restart"):
             callback.on_model_restart(trainer)
 
 
-def _restart_average(callback: WeightAveraging) -> None:
-    # An average of the old model's weights and the restarted one's belongs to neither. An AveragedModel that has
-    # averaged nothing copies the weights at its next update; Lightning keeps it in a private attribute.
+def _restart_average(callback: WeightAveraging, pl_module: LightningModule) -> None:
+    # An average of the old model's weights and the restarted one's belongs to neither. Until its next update
+    # (an epoch away for an average updated per epoch) it holds the restarted weights, which it copies again at
+    # that update, as an AveragedModel that has averaged nothing does. Lightning keeps it in a private attribute.
     average = getattr(callback, "_average_model", None)
-    if average is not None:
-        average.n_averaged.zero_()
+    if average is None:
+        return
+    current = pl_module.state_dict()
+    with torch.no_grad():
+        for key, kept in average.module.state_dict().items():
+            kept.copy_(current[key])
+    average.n_averaged.zero_()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torchattacks
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from robust_lightning.attacks import ATTACKS, InputBounds, build_attack, perturb
@@ -67,7 +68,7 @@ class RobustEvaluation(PerClassMetrics):
         if bounds is not None and not isinstance(bounds, InputBounds):
             raise TypeError(f"bounds must be an InputBounds, got {type(bounds).__name__}.")
         self.attack, self.eps, self.steps, self.bounds = attack, eps, steps, bounds or InputBounds()
-        self._seeds = BatchSeed()  # random starts that a resumed run repeats
+        self._seeds = BatchSeed("robust evaluation")  # random starts that a resumed run repeats
 
     @property
     def state_key(self) -> str:
@@ -92,7 +93,9 @@ class RobustEvaluation(PerClassMetrics):
         bounds = self.bounds.to(x.device)
         bounds.check(x, "This evaluation batch's inputs")
         attack = build_attack(self._factory(), pl_module, bounds, self.eps, self.steps)
-        seeded = self._seeds.fork(x.device, trainer.global_rank, trainer.current_epoch, *position)
+        # Outside fit the trainer's epoch counter says nothing about the weights: the same ones get the same draws.
+        epoch = trainer.current_epoch if trainer.state.fn == TrainerFn.FITTING else 0
+        seeded = self._seeds.fork(x.device, trainer.global_rank, epoch, *position)
         # Inference tensors cannot be differentiated: clone them with inference mode off.
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(pl_module), seeded:
             x, y = x.clone(), torch.as_tensor(y, device=x.device).clone()

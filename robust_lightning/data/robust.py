@@ -474,8 +474,8 @@ def _as_ids(ids: Any) -> tuple[Tensor, str | None]:
         return none, f"not readable as integers ({error})"
     if tensor.numel() == 0:
         return none, None
-    if tensor.dtype == torch.bool:
-        return none, "a boolean mask: pass the ids it marks, mask.nonzero().flatten()"
+    if tensor.dtype in (torch.bool, torch.uint8):  # torch itself indexes with a uint8 tensor as with a mask
+        return none, f"a {tensor.dtype} mask: pass the ids it marks, mask.nonzero().flatten()"
     if tensor.is_floating_point() or tensor.is_complex():
         return none, f"{tensor.dtype} numbers: pass integers"
     return tensor.long().flatten(), None
