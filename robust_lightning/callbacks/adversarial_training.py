@@ -138,8 +138,8 @@ class AdversarialTraining(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._seeds.setup(trainer)
-        if stage == "fit" and self.trades:
-            self._swap = CriterionSwap.of(pl_module, by="AdversarialTraining(attack='trades')")
+            if self.trades:
+                self._swap = CriterionSwap.of(pl_module, by="AdversarialTraining(attack='trades')")
         self._module = pl_module
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

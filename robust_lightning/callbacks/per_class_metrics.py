@@ -302,9 +302,10 @@ class PerClassMetrics(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Testing a checkpoint (e.g. ckpt_path="best") of the fit this callback just watched must not roll its
         # history back to that checkpoint's; resuming fit, or a fresh callback, takes the checkpoint's history.
-        self._keep_history = trainer.state.fn != TrainerFn.FITTING and bool(self.history)
+        evaluating = trainer.state.fn != TrainerFn.FITTING
+        self._keep_history = evaluating and bool(self.history)
         # Evaluating a checkpoint evaluates its weights: its records carry the epoch that saved them.
-        self._weights_epoch = None if trainer.state.fn == TrainerFn.FITTING else checkpoint.get("epoch")
+        self._weights_epoch = checkpoint.get("epoch") if evaluating else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._keep_history:
