@@ -6,7 +6,8 @@ Side by side, with the same SmallCNN (Adam 3e-3, batch 64, 40 epochs), data, eps
 - ``loop``: a plain PyTorch loop;
 - ``art``: ART's AdversarialTrainerMadryPGD (PGD-7 only), when the ``bench`` extra is installed.
 The loop validates every epoch, as the Lightning runs do. Time ratios come from alternating
-callback/lightning pairs (one seed per pair; the loop runs the same seeds, ART the first). Robust accuracy
+callback/lightning pairs (one seed per pair, which of the two runs first alternating too; the loop
+runs the same seeds, ART the first). Robust accuracy
 is PGD-20 (eps 0.1, step eps/4, random start) on the test split; AutoAttack (standard, L-inf)
 for the first seed's callback and loop models.
 
@@ -202,6 +203,12 @@ def _ratio(results, method: str, impl: str) -> str:
     return f"{statistics.fmean(r['seconds'] for r in rows) / statistics.fmean(b['seconds'] for b in base):.2f}"
 
 
+def _pair_swapped(impls: list[str]) -> list[str]:
+    """``impls`` with callback and lightning, when both run, in each other's place."""
+    swap = {"callback": "lightning", "lightning": "callback"} if {"callback", "lightning"} <= set(impls) else {}
+    return [swap.get(impl, impl) for impl in impls]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=5, help="alternating callback/lightning pairs, one seed each")
@@ -220,7 +227,8 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.pairs))
     for method in args.methods:
         for seed in seeds:
-            for impl in args.impls:
+            # Which of a pair runs first alternates, so that neither always meets the machine as the other left it.
+            for impl in args.impls if seed % 2 == 0 else _pair_swapped(args.impls):
                 if impl == "art" and (method != "pgd7" or seed > seeds[0]):
                     continue  # a reference for PGD-7: one run
                 try:

@@ -20,11 +20,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from common import load, mean, publish, quiet, save, trainer
+from common import SCRATCH, load, mean, publish, quiet, save, trainer
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
+from robust_lightning.cli import CONFIG_DIR, register_recipes
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.detectors import detection_quality
 from robust_lightning.models import SmallCNN
@@ -36,7 +39,7 @@ SCENARIOS: dict[str, Callable[[int], object]] = {
     "BadNets 10%": lambda seed: BackdoorTrigger(target=0, rate=0.1, seed=seed),
     "clean": lambda seed: None,
 }
-DEFENCES = ("none", "filter", "oracle", "cleanlab", "art_spectral", "art_clustering")
+DEFENCES = ("none", "filter", "pseudo_labels", "oracle", "cleanlab", "art_spectral", "art_clustering")
 EPOCHS = 40
 DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
 MARK = "<!-- filtering benchmark table -->"
@@ -85,9 +88,18 @@ def run_none(seed, poison):
     return outcome(model, data, poison, None, seconds)
 
 
-def run_filter(seed, poison):
-    filter_ = PoisonFilter()
-    model, data, seconds = fit(seed, poison, [filter_])
+def filter_group(option: str) -> list:
+    """The callbacks of the command line's ``filter=<option>``, so that the rows run what the recipes run."""
+    register_recipes()  # the base config names a default recipe
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"filter={option}", f"filter.poison_filter.dirpath={SCRATCH}"])
+    return [instantiate(callback) for callback in cfg.filter.values()]
+
+
+def run_filter(seed, poison, option="default"):
+    callbacks = filter_group(option)
+    model, data, seconds = fit(seed, poison, callbacks)
+    (filter_,) = [c for c in callbacks if isinstance(c, PoisonFilter)]
     return outcome(model, data, poison, filter_.flags, seconds)
 
 
@@ -150,6 +162,7 @@ def run_art(seed, poison, defence_name):
 RUNNERS = {
     "none": run_none,
     "filter": run_filter,
+    "pseudo_labels": lambda seed, poison: run_filter(seed, poison, "pseudo_labels"),
     "oracle": run_oracle,
     "cleanlab": run_cleanlab,
     "art_spectral": lambda seed, poison: run_art(seed, poison, "art_spectral"),

@@ -90,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = instantiate(cfg.model)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     if cfg.get("filter"):
-        callbacks.append(instantiate(cfg.filter))
+        callbacks += _filter_callbacks(cfg.filter)
     if cfg.get("loss"):
         callbacks.append(RobustLoss(instantiate(cfg.loss)))
     if cfg.get("adversarial"):
@@ -110,6 +110,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
     return results
+
+
+def _filter_callbacks(group: DictConfig) -> list:
+    if "_target_" in group:
+        raise ValueError(
+            "The filter config is one callback; it is now a set of named ones. Put it under a name, e.g. "
+            "`poison_filter:` with the callback's keys indented below it (see conf/filter/default.yaml)."
+        )
+    return [instantiate(callback) for callback in group.values()]
 
 
 def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict[str, float], run_dir: Path) -> str:

@@ -62,7 +62,7 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
         ),
         "adversarial: fgsm_rs, pgd, trades",
         "poison: backdoor, class_injection, pair_flip, symmetric",
-        "filter: default, near_duplicates, none",
+        "filter: default, near_duplicates, none, pseudo_labels",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
         "model: small_cnn",
@@ -84,7 +84,8 @@ def test_another_recipe_runs(tmp_path):
     [
         ("trainer.max_epoch=1", "Key 'max_epoch' is not in struct"),
         ("+seeed=1", "Unknown config key(s): 'seeed' (did you mean 'seed'?)"),
-        ("filter.start_epoch=0", "start_epoch must be an integer >= 1"),
+        ("filter.poison_filter.start_epoch=0", "start_epoch must be an integer >= 1"),
+        ("+filter._target_=robust_lightning.callbacks.PoisonFilter", "it is now a set of named ones"),
         ("poison.rate=-0.1", "A poison rate must lie in [0, 1), got -0.1"),
         ("loss=gce loss.q=0", "q must lie in (0.0, 1.0], got 0"),
         ("adversarial=pgd adversarial.training.eps=-0.1", "eps must be a positive finite number, got -0.1"),
@@ -98,10 +99,15 @@ def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["digits_pairflip", "digits_sym40_elr"])
+@pytest.mark.parametrize("recipe", ["digits_pairflip", "digits_sym40_elr", "digits_sym40 filter=pseudo_labels"])
 def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
-    ddp = ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu", "filter.start_epoch=1"]
-    result = cli(f"recipe={recipe}", *FAST, *ddp, cwd=tmp_path)
+    ddp = [
+        "trainer.strategy=ddp_spawn",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "filter.poison_filter.start_epoch=1",
+    ]
+    result = cli(*f"recipe={recipe}".split(), *FAST, *ddp, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     flagged = (run_folder(result.stdout) / "flagged.csv").read_text().splitlines()
     assert flagged[0] == "id,label,score,detector" and len(flagged) > 1, "the filter ran in the workers"
@@ -110,10 +116,12 @@ def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
     assert (run_folder(result.stdout) / "checkpoints" / "last.ckpt").exists()
 
 
-@pytest.mark.parametrize("recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr"])
+@pytest.mark.parametrize(
+    "recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr", "digits_sym40 filter=pseudo_labels"]
+)
 def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
-    fast = ["trainer.max_epochs=3", "filter.start_epoch=2", "trainer.enable_progress_bar=false"]
-    result = cli(f"recipe={recipe}", *fast, cwd=tmp_path)
+    fast = ["trainer.max_epochs=3", "filter.poison_filter.start_epoch=2", "trainer.enable_progress_bar=false"]
+    result = cli(*f"recipe={recipe}".split(), *fast, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PoisonFilter flagged" in result.stdout and "against the drill" in result.stdout
     assert ("Attack success rate on the triggered test set" in result.stdout) == (recipe == "digits_backdoor")
@@ -172,7 +180,7 @@ def test_the_regularization_recipes_run(tmp_path):
 @pytest.mark.slow
 def test_the_ddp_cpu_trainer_config_runs_plain_ddp_into_one_run_folder(tmp_path):
     # Plain DDP starts the command again for rank 1; Lightning points Hydra at the same run folder.
-    result = cli("trainer=ddp_cpu", "data.batch_size=32", "filter.start_epoch=1", *FAST, cwd=tmp_path)
+    result = cli("trainer=ddp_cpu", "data.batch_size=32", "filter.poison_filter.start_epoch=1", *FAST, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_folder(result.stdout).name]
     folder = run_folder(result.stdout)

@@ -16,9 +16,11 @@ from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import (
     AdversarialTraining,
     DriftMonitor,
+    EMAWeights,
     Mixup,
     PerClassMetrics,
     PoisonFilter,
+    PseudoLabels,
     RobustEvaluation,
     RobustLoss,
 )
@@ -70,8 +72,8 @@ class StopAfter(Callback):
 def run(folder: Path, devices=1, attack=True, stop_after=None, resume=None, epochs=10, random_draws=False):
     """The default recipe's pieces and more: a pair-flip drill, the filter, ELR, FGSM-RS, metrics and drift.
 
-    ``random_draws`` adds the other callbacks that draw random numbers every batch: Mixup and a
-    robust evaluation with PGD's random start.
+    ``random_draws`` adds the other callbacks that draw random numbers every batch (Mixup, a robust
+    evaluation with PGD's random start, pseudo-labels on the excluded samples) and a weight average.
     """
     seed_everything(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,8 @@ def run(folder: Path, devices=1, attack=True, stop_after=None, resume=None, epoc
         DriftMonitor(every_n_epochs=2, permutations=200),
         PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=folder),
         *([AdversarialTraining("fgsm_rs", eps=0.1)] if attack else []),
-        *([Mixup(), RobustEvaluation(num_classes=10, steps=2)] if random_draws else []),
+        *([Mixup(), RobustEvaluation(num_classes=10, steps=2), PseudoLabels()] if random_draws else []),
+        *([EMAWeights(decay=0.99)] if random_draws else []),
         RobustLoss(ELRLoss(num_classes=10)),
         ModelCheckpoint(dirpath=folder, save_last=True),
         DumpState(str(folder)),

@@ -7,18 +7,18 @@ import numbers
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from robust_lightning.augment import mixed_targets
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining, attack_mode
-from robust_lightning.callbacks.batch_seed import BatchSeed
+from robust_lightning.callbacks.batch_seed import BatchSeed, SeededCallback
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
 from robust_lightning.losses.sample_state import Mixing, PerSampleLoss
 
 
-class BatchMixing(Callback):
+class BatchMixing(SeededCallback):
     """Base of :class:`~robust_lightning.callbacks.Mixup` and :class:`~robust_lightning.callbacks.CutMix`.
 
     At each training batch it draws ``lam ~ Beta(alpha, alpha)`` and a permutation of the batch,
@@ -63,12 +63,6 @@ class BatchMixing(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, attr=self.attr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._seeds.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._seeds.load_state_dict(state_dict)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 
 class BatchSeed:
@@ -68,3 +68,23 @@ class BatchSeed:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("run_seed") is not None:
             self.run_seed = state_dict["run_seed"]
+
+
+class SeededCallback(Callback):
+    """A callback whose random draws come from a :class:`BatchSeed`, its run seed saved in checkpoints.
+
+    Example:
+        >>> class Draws(SeededCallback):
+        ...     def __init__(self):
+        ...         self._seeds = BatchSeed("draws", run_seed=3)
+        >>> Draws().state_dict()
+        {'run_seed': 3}
+    """
+
+    _seeds: BatchSeed
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._seeds.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seeds.load_state_dict(state_dict)

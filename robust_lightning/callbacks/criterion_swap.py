@@ -118,9 +118,16 @@ class CriterionSwap:
         self.replacement = loss
         self._update()
 
-    def add(self, stage: Stage) -> None:
+    def add(self, stage: Stage, outermost: bool = False) -> None:
+        """Wrap the loss in ``stage``, inside those added before; ``outermost`` wraps them all instead.
+
+        A stage that adds a term over other inputs than the batch's samples goes outermost, so that
+        the term is added once: a mixing stage computes the loss of its two label sets through the
+        stages inside it. A term per sample of the batch (TRADES') stays inside, where per-sample
+        weights reach it.
+        """
         if stage not in self.stages:
-            self.stages.append(stage)
+            self.stages.insert(0 if outermost else len(self.stages), stage)
         self._update()
 
     def remove(self, item: nn.Module | Stage | None) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +70,8 @@ class FeatureTap:
         >>> tap.detach()
     """
 
+    side_forwards = 0  # open side_forward() blocks, whose forward passes no tap records
+
     def __init__(self, owner: str, layer: str | None = None) -> None:
         self.owner, self.layer = owner, layer
         self.captured: dict[str, Tensor] = {}
@@ -96,12 +99,12 @@ class FeatureTap:
         self.recording = False
 
     def _record_features(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self.recording:
+        if self.recording and not FeatureTap.side_forwards:
             features = output if self.layer else inputs[0]
             self.captured["features"] = features.detach().flatten(1)
 
     def _record_logits(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self.recording and isinstance(output, Tensor) and output.ndim == 2:
+        if self.recording and not FeatureTap.side_forwards and isinstance(output, Tensor) and output.ndim == 2:
             self.captured["logits"] = output.detach()
 
     def check(self, pl_module: nn.Module) -> None:
@@ -145,7 +148,7 @@ class FeatureTap:
                 if with_ids:
                     batch, ids = batch
                     rows["ids"].append(ids)
-                batch = pl_module._apply_batch_transfer_handler(batch)
+                batch = as_training_batch(trainer, batch)
                 inputs = get_field(batch, resolve_key(batch, input_key, "input"))
                 if with_inputs:
                     rows["inputs"].append(inputs.detach().flatten(1).float().cpu())
@@ -163,3 +166,28 @@ class FeatureTap:
             pl_module.train(was_training)
         rows = {key: torch.cat(parts) for key, parts in rows.items() if parts}
         return {key: gather_rows(trainer, part) for key, part in rows.items()} if gather else rows
+
+
+@contextmanager
+def side_forward() -> Iterator[None]:
+    """Forward passes that a callback adds to a training step on other inputs than the batch's.
+
+    TRADES' adversarial term and the pseudo-label batch run inside the step, after the module's own
+    forward; no :class:`FeatureTap` records them, so taps keep the batch's features and logits.
+    """
+    FeatureTap.side_forwards += 1
+    try:
+        yield
+    finally:
+        FeatureTap.side_forwards -= 1
+
+
+def as_training_batch(trainer: Trainer, batch: Any) -> Any:
+    """A collated batch prepared as Lightning prepares a training batch: precision, the batch hooks, the device.
+
+    The same order as Lightning's training loop, so that a user's ``on_before_batch_transfer`` and
+    ``on_after_batch_transfer`` (normalization, reshaping) shape the batches callbacks read too.
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)

@@ -84,7 +84,8 @@ class PoisonFilter(Callback):
     restarted model will beat or use ``save_last``. The schedule counts again from the restart: a round runs after
     ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
     precision, joined by ``rule``. On top of them, whatever the rule, a sample this filter
-    excluded stays out while the restarted model, which has never trained on it, assigns it to
+    excluded stays out while the restarted model, which has never trained on it (on its label: a
+    :class:`~robust_lightning.callbacks.PseudoLabels` beside it trains on its input), assigns it to
     another class (exclusionary reclassification, the confirmation step of activation
     clustering): the screen's false alarms come back, poisoned samples stay out.
 

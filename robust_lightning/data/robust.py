@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,7 @@ class RobustDataModule(LightningDataModule):
         self._restored_excluded: Tensor | None = None
         self._pending_reload: tuple[Trainer, int] | None = None
         self._train: IndexedDataset | None = None
+        self._collate: Callable[[list], Any] | None = None
         self._scans: dict[str, SplitScan] = {}
         self._mismatches: dict[str, str] = {}  # split -> what the manifest check found
         for hook in _MIRRORED_HOOKS:
@@ -304,6 +306,7 @@ class RobustDataModule(LightningDataModule):
             )
         # The same samples in a new dataset object (rebuilt per call, with fresh augmentation): train on it.
         train.base = user_loader.dataset
+        self._collate = user_loader.collate_fn
         trainer = self.trainer
         shards = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
         sampler = ExclusionSampler(
@@ -356,6 +359,16 @@ class RobustDataModule(LightningDataModule):
         """The training sample with this id, as training sees it (with the drill's changes)."""
         sample, _ = self._require_train()[index]
         return sample
+
+    def training_batch(self, ids: Tensor) -> Any:
+        """These training ids as one batch, collated as the training loader collates (excluded ids included).
+
+        Samples are read one by one in this process, not by the loader's workers.
+        """
+        if self._collate is None:
+            raise RuntimeError("training_batch() needs the training loader: call it while fitting.")
+        train = self._require_train()
+        return self._collate([train[i][0] for i in torch.as_tensor(ids).tolist()])
 
     @property
     def train_labels(self) -> Tensor:
