@@ -17,7 +17,7 @@ from robust_lightning.attacks.factory import AttackFactory
 from robust_lightning.callbacks.batch_seed import BatchSeed, SeededCallback
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.callbacks.embedding import side_forward
-from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
+from robust_lightning.data.fields import Key, check_float_inputs, check_owns_storage, get_field, resolve_key
 
 
 @contextmanager
@@ -156,8 +156,7 @@ class AdversarialTraining(SeededCallback):
             return
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
         y = get_field(batch, resolve_key(batch, self.target_key, "target"))
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"AdversarialTraining needs the inputs as a float tensor, got {type(x).__name__}.")
+        check_float_inputs(x, "AdversarialTraining")
         bounds = self.bounds.to(x.device)
         bounds.check(x, "This batch's inputs")
         if not self.trades:

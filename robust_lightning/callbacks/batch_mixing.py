@@ -14,7 +14,7 @@ from robust_lightning.augment import mixed_targets
 from robust_lightning.callbacks.adversarial_training import AdversarialTraining, attack_mode
 from robust_lightning.callbacks.batch_seed import BatchSeed, SeededCallback
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
-from robust_lightning.data.fields import Key, check_owns_storage, get_field, resolve_key
+from robust_lightning.data.fields import Key, check_float_inputs, check_owns_storage, get_field, resolve_key
 from robust_lightning.losses.sample_state import Mixing, PerSampleLoss
 
 
@@ -103,8 +103,7 @@ class BatchMixing(SeededCallback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} mixes inputs given as a float tensor, got {type(x).__name__}.")
+        check_float_inputs(x, type(self).__name__)
         check_owns_storage(x, "mixed inputs")
         with self._seeds.fork_for(trainer, batch_idx, x.device):
             lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())

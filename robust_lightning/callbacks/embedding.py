@@ -154,7 +154,7 @@ class FeatureTap:
                     rows["inputs"].append(inputs.detach().flatten(1).float().cpu())
                 self.start()
                 with precision.forward_context():
-                    pl_module(precision.convert_input(inputs))
+                    pl_module(inputs)  # converted to the precision's dtype with the batch
                 self.stop()
                 self.check(pl_module)
                 rows["features"].append(self.captured["features"].float().cpu())

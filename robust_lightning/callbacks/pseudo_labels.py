@@ -16,7 +16,7 @@ from robust_lightning.callbacks.batch_seed import BatchSeed, SeededCallback
 from robust_lightning.callbacks.criterion_swap import Compute, CriterionSwap
 from robust_lightning.callbacks.embedding import as_training_batch, side_forward
 from robust_lightning.data import RobustDataModule
-from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.data.fields import Key, check_float_inputs, get_field, resolve_key
 
 
 class PseudoLabels(SeededCallback):
@@ -137,11 +137,7 @@ class PseudoLabels(SeededCallback):
 
     def _check_inputs(self, trainer: Trainer, batch_idx: int, inputs: Any) -> None:
         """Fail at the first batch, not epochs later when the filter first excludes something."""
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            raise TypeError(
-                f"PseudoLabels trains on the inputs as a float tensor, got {type(inputs).__name__}"
-                + (f" of {inputs.dtype}." if isinstance(inputs, Tensor) else ".")
-            )
+        check_float_inputs(inputs, "PseudoLabels")
         if self.augment is not None:  # raises its own error, naming the fix, for inputs it cannot augment
             with self._seeds.fork_for(trainer, batch_idx, inputs.device):  # the global RNG stays untouched
                 self.augment(inputs[:1])

@@ -69,6 +69,13 @@ def replace_field(structure: Any, key: Key, value: Any) -> Any:
     return type(structure)(items)
 
 
+def check_float_inputs(x: Any, owner: str) -> None:
+    """Refuse inputs that ``owner`` cannot perturb, mix or augment: anything but a float tensor."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        dtype = f" of {x.dtype}" if isinstance(x, Tensor) else ""
+        raise TypeError(f"{owner} needs the inputs as a float tensor, got {type(x).__name__}{dtype}.")
+
+
 def check_owns_storage(x: Tensor, what: str) -> None:
     """Refuse a batch entry that is a view of a larger tensor: writing ``what`` into it would change the dataset."""
     if x._base is not None or x.untyped_storage().nbytes() != x.numel() * x.element_size():
