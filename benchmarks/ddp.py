@@ -1,8 +1,9 @@
 """Two DDP processes against one, on the CPU: test accuracy and time per epoch, side by side.
 
 The run combines everything: the default recipe's pair-flip drill (40% of 4<->8, 6<->9), PoisonFilter
-(rounds from epoch 2, every 2 epochs, with its restart), RobustLoss(ELR), FGSM-RS adversarial training,
-PerClassMetrics and DriftMonitor, 12 epochs (10 plus the restart's 2). One process trains with batches
+(rounds from epoch 2, every 2 epochs, with a full restart, whose extension both runs must apply alike),
+RobustLoss(ELR), FGSM-RS adversarial training, PerClassMetrics and DriftMonitor, 12 epochs (10 plus the
+restart's 2). One process trains with batches
 of 64; two processes (ddp_spawn over gloo) with 32 each, the same global batch. Each process of the
 DDP run gets one thread; the single process gets as many as the DDP run in all (BENCH_THREADS x 2).
 
@@ -57,7 +58,7 @@ def run(seed: int, devices: int, folder: Path) -> dict:
     callbacks = [
         PerClassMetrics(num_classes=10),
         DriftMonitor(every_n_epochs=2, permutations=200),
-        PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=folder),
+        PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=folder, restart="model"),
         AdversarialTraining("fgsm_rs", eps=0.1),
         RobustLoss(ELRLoss(num_classes=10)),
         EpochTimes(str(times)),

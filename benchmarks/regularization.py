@@ -54,7 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "regularization.json"
 
 def near_duplicate_filter() -> PoisonFilter:
     return PoisonFilter(
-        screen=[NearDuplicates()], detectors=[NearDuplicates()], start_epoch=1, every_n_epochs=1, restart=False
+        screen=[NearDuplicates()], detectors=[NearDuplicates()], start_epoch=1, every_n_epochs=1, restart=None
     )
 
 

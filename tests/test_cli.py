@@ -62,7 +62,7 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
         ),
         "adversarial: fgsm_rs, pgd, trades",
         "poison: backdoor, class_injection, pair_flip, symmetric",
-        "filter: default, near_duplicates, none, pseudo_labels",
+        "filter: default, exclude_only, near_duplicates, none",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
         "model: small_cnn",
@@ -99,7 +99,7 @@ def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["digits_pairflip", "digits_sym40_elr", "digits_sym40 filter=pseudo_labels"])
+@pytest.mark.parametrize("recipe", ["digits_pairflip", "digits_sym40_elr", "digits_sym40 filter=exclude_only"])
 def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
     ddp = [
         "trainer.strategy=ddp_spawn",
@@ -117,7 +117,7 @@ def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr", "digits_sym40 filter=pseudo_labels"]
+    "recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr", "digits_sym40 filter=exclude_only"]
 )
 def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
     fast = ["trainer.max_epochs=3", "filter.poison_filter.start_epoch=2", "trainer.enable_progress_bar=false"]

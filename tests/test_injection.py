@@ -83,7 +83,7 @@ def test_the_filter_excludes_near_duplicates_while_training():
     seed_everything(0)
     datamodule = injected()
     flt = PoisonFilter(
-        screen=[NearDuplicates()], detectors=[NearDuplicates()], start_epoch=1, every_n_epochs=1, restart=False
+        screen=[NearDuplicates()], detectors=[NearDuplicates()], start_epoch=1, every_n_epochs=1, restart=None
     )
     Trainer(**trainer_kwargs(max_epochs=3, callbacks=[flt])).fit(SmallCNN(), datamodule=datamodule)
     quality = detection_quality(flt.flags, datamodule.poison_mask)

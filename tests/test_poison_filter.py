@@ -15,9 +15,10 @@ from robust_lightning.callbacks import PoisonFilter
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.models import SmallCNN
-from robust_lightning.poison import PairFlip
+from robust_lightning.poison import BackdoorTrigger, PairFlip
 
 FLIPS = {4: 8, 8: 4, 6: 9, 9: 6}
+HEAD = ("features.6", "head")  # SmallCNN's classifier head: Linear(256, 64), ReLU, Linear(64, 10)
 
 
 def fit_with_filter(tmp_path, filter_, epochs=6, callbacks=(), **kwargs):
@@ -44,8 +45,9 @@ class InitialWeights(Callback):
         self.at_start[trainer.current_epoch + 1] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def test_the_filter_screens_restarts_confirms_and_reports(tmp_path):
-    filter_, weights = PoisonFilter(start_epoch=5, every_n_epochs=5, dirpath=tmp_path), InitialWeights()
+def test_the_filter_screens_restarts_the_model_confirms_and_reports(tmp_path):
+    filter_ = PoisonFilter(start_epoch=5, every_n_epochs=5, dirpath=tmp_path, restart="model")
+    weights = InitialWeights()
     trainer, data, _ = fit_with_filter(tmp_path, filter_, epochs=10, callbacks=[weights])
     screen, *confirm = filter_.rounds
     assert (screen["epoch"], screen["restarted"]) == (5, True) and screen["recall"] >= 0.98
@@ -70,6 +72,39 @@ def test_the_filter_screens_restarts_confirms_and_reports(tmp_path):
     assert {r["detector"] for r in rows} and all(set(r["detector"].split("+")) <= names for r in rows)
     labels = torch.tensor([int(data._train[int(r["id"])][0][1]) for r in rows])
     assert [int(r["label"]) for r in rows] == labels.tolist(), "the label given to the model, poisoned or not"
+
+
+class HeadAtRestart(Callback):
+    """Records the parameters at the end of each epoch and at the start of the next (after the filter's hook),
+    and which of them Adam holds moments for."""
+
+    def __init__(self):
+        self.ends, self.starts, self.moments = {}, {}, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.ends[trainer.current_epoch + 1] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch, state = trainer.current_epoch + 1, trainer.optimizers[0].state
+        self.starts[epoch] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        self.moments[epoch] = {k: p in state for k, p in pl_module.named_parameters()}
+
+
+def test_a_head_restart_puts_back_the_head_alone_and_keeps_the_runs_length(tmp_path):
+    filter_, record = PoisonFilter(start_epoch=3, every_n_epochs=3, dirpath=tmp_path), HeadAtRestart()
+    trainer, data, _ = fit_with_filter(tmp_path, filter_, epochs=9, callbacks=[record])
+    assert [r["epoch"] for r in filter_.rounds] == [3, 6, 9] and filter_.rounds[0]["restarted"]
+    assert trainer.current_epoch == 9 and filter_.extended_by == 0, "the run keeps its length"
+    restarted, head = record.starts[4], lambda key: key.rpartition(".")[0] in HEAD
+    assert {k.rpartition(".")[0] for k in restarted if head(k)} == set(HEAD)
+    for key, value in restarted.items():
+        assert torch.equal(value, record.initial[key] if head(key) else record.ends[3][key]), key
+        assert record.moments[3][key] and not record.moments[4][key], "Adam's moments are forgotten"
+    assert filter_.rounds[-1]["recall"] >= 0.95 and filter_.rounds[-1]["f1"] >= 0.85
+    assert torch.equal(data.excluded, filter_.flags)
 
 
 def test_report_only_flags_without_excluding(tmp_path):
@@ -111,7 +146,9 @@ class DictClassifier(LightningModule):
 def test_weight_action_reweights_through_the_criterion_and_puts_it_back(tmp_path):
     model = DictClassifier()
     original = model.criterion
-    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, action="weight", weight=0.0, dirpath=tmp_path)
+    filter_ = PoisonFilter(
+        start_epoch=1, every_n_epochs=0, action="weight", weight=0.0, dirpath=tmp_path, restart="model"
+    )
     data = RobustDataModule(StructuredDigits("dict"), poison=PairFlip(FLIPS, rate=0.4))
     Trainer(**trainer_kwargs(max_epochs=2, callbacks=[filter_])).fit(model, datamodule=data)
     assert model.criterion is original
@@ -161,6 +198,8 @@ def test_the_filter_needs_robust_data_module_and_says_so():
         ({"weight": 1.5}, "weight must lie"),
         ({"detectors": ["spectrall"]}, "Unknown detector"),
         ({"rule": "most"}, "rule must be one of"),
+        ({"restart": True}, "restart must be 'head', 'model' or None, got True.*what restart=True did"),
+        ({"restart": "all"}, "restart must be 'head', 'model' or None"),
     ],
 )
 def test_nonsensical_settings_are_refused(kwargs, match):
@@ -188,11 +227,11 @@ def test_a_weight_average_starts_again_with_the_restarted_model(tmp_path):
 
 
 def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):
-    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path, restart="model")
     trainer, data, _ = fit_with_filter(tmp_path, filter_, epochs=3)
     assert [r["epoch"] for r in filter_.rounds] == [2, 4] and trainer.current_epoch == 5
     trainer.save_checkpoint(tmp_path / "done.ckpt")
-    resumed = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    resumed = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path, restart="model")
     data2 = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
     again = Trainer(**trainer_kwargs(max_epochs=3), callbacks=[resumed])
     again.fit(SmallCNN(), datamodule=data2, ckpt_path=tmp_path / "done.ckpt")
@@ -202,13 +241,15 @@ def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):
     assert torch.equal(data2.excluded, data.excluded)
 
 
-def test_a_checkpoint_taken_before_the_restart_keeps_the_initial_weights(tmp_path):
-    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path)
+@pytest.mark.parametrize("restart, kept", [("model", "model"), ("head", "head")])
+def test_a_checkpoint_taken_before_the_restart_keeps_the_initial_weights(tmp_path, restart, kept):
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path, restart=restart)
     trainer, _, model = fit_with_filter(tmp_path, filter_, epochs=1)
     assert not filter_.rounds
     trainer.save_checkpoint(tmp_path / "early.ckpt")
     initial = torch.load(tmp_path / "early.ckpt", weights_only=False)["callbacks"][filter_.state_key]["initial"]
-    assert initial is not None and set(initial["model"]) == set(model.state_dict())
+    expected = set(model.state_dict()) if restart == "model" else {f"{n}.{p}" for n in HEAD for p in ("weight", "bias")}
+    assert set(initial[kept]) == expected
 
 
 class DumpFilter(Callback):
@@ -227,7 +268,8 @@ class DumpFilter(Callback):
 
 @pytest.mark.slow
 def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
-    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0)  # flagged.csv into default_root_dir: a collective
+    # flagged.csv into default_root_dir: a collective
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, restart="model")
     data = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
     trainer = Trainer(
         **trainer_kwargs(max_epochs=3, devices=2, strategy="ddp_spawn", default_root_dir=tmp_path),
@@ -274,7 +316,7 @@ def test_unit_weights_give_back_the_loss_exactly_and_weights_reweight_each_sampl
 def test_weight_action_with_a_class_weighted_loss_restarts_and_checkpoints_cleanly(tmp_path):
     model = DictClassifier()
     model.criterion = torch.nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 10))
-    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, action="weight", dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, action="weight", dirpath=tmp_path, restart="model")
     trainer = Trainer(**trainer_kwargs(max_epochs=1, callbacks=[filter_]))
     trainer.fit(model, datamodule=RobustDataModule(StructuredDigits("dict"), poison=PairFlip(FLIPS, rate=0.4)))
     assert [r["restarted"] for r in filter_.rounds] == [True, False]
@@ -283,7 +325,7 @@ def test_weight_action_with_a_class_weighted_loss_restarts_and_checkpoints_clean
 
 
 def test_low_precision_runs_the_inspection_pass_under_the_trainers_precision(tmp_path):
-    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path, restart="model")
     fit_with_filter(tmp_path, filter_, epochs=1, precision="bf16-true")
     assert len(filter_.rounds) == 2 and filter_.flags.any()
 
@@ -325,14 +367,14 @@ class ExcludeOnce(Callback):
 
 def test_the_filter_leaves_other_exclusions_alone_and_early_stopping_starts_afresh(tmp_path):
     stopping = EarlyStopping(monitor="val/acc", mode="max", patience=1)
-    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=tmp_path, restart="model")
     _, data, _ = fit_with_filter(tmp_path, filter_, epochs=4, callbacks=[ExcludeOnce(), stopping])
     assert [r["epoch"] for r in filter_.rounds] == [2, 4, 6], "early stopping did not cut the restarted run short"
     assert bool(data.excluded[7]), "the user's exclusion survives the filter's rounds"
 
 
 def test_a_second_fit_with_the_same_callback_starts_afresh(tmp_path):
-    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, dirpath=tmp_path, restart="model")
     fit_with_filter(tmp_path, filter_, epochs=1)
     trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=1)
     assert [r["epoch"] for r in filter_.rounds] == [1, 2] and trainer.current_epoch == 2
@@ -359,6 +401,27 @@ def _val():
 
 
 def test_a_step_bounded_run_gets_back_the_optimizer_steps_spent_before_the_restart(tmp_path):
-    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path)
+    filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tmp_path, restart="model")
     trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=-1, max_steps=60, accumulate_grad_batches=4)
     assert filter_._extended_steps == 2 * 6 and trainer.max_steps == 60 + 12 and trainer.global_step == 72
+
+
+def backdoor_fit(tmp_path, restart, seed=0):
+    seed_everything(seed)
+    drill = BackdoorTrigger(target=0, rate=0.1, seed=seed)
+    data = RobustDataModule(DigitsDataModule(), poison=drill, seed=seed)
+    filter_ = PoisonFilter(start_epoch=10, every_n_epochs=5, dirpath=tmp_path, restart=restart)
+    model = SmallCNN()
+    Trainer(**trainer_kwargs(max_epochs=20), callbacks=[filter_]).fit(model, datamodule=data)
+    data.setup("test")
+    return drill.attack_success_rate(model.eval(), data.datamodule.test_set), filter_
+
+
+@pytest.mark.parametrize("restart", ["head", None])
+def test_excluding_the_triggered_samples_needs_a_restart_to_unlearn_the_backdoor(tmp_path, restart):
+    success, filter_ = backdoor_fit(tmp_path, restart)
+    assert filter_.rounds[-1]["recall"] >= 0.95, "both find the triggered samples"
+    if restart == "head":
+        assert success <= 0.08, "a head that never saw them labelled 0 maps the trigger nowhere (seeds 0-3: 0-4%)"
+    else:
+        assert success >= 0.25, "without a restart the backdoor outlives the exclusion (seeds 0-3: 36-84%)"

@@ -27,7 +27,8 @@ class Expected(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.pseudo._pending is None:
-            self.terms.append(None)
+            self.terms.append(0.0)
+            self.weak.append(None)
             return
         weak, strong = self.pseudo._pending
         with torch.no_grad():
@@ -51,22 +52,37 @@ def fit(callbacks, module=None, exclude=EXCLUDED, criterion=None, epochs=1):
     return module, data
 
 
+def drawn_ids(weak, inputs):
+    """The training ids whose inputs these are (the StructuredDigits inputs are all distinct)."""
+    return (weak.flatten(1)[:, None] == inputs[None]).all(2).float().argmax(1)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_the_loss_gains_fixmatch_term_on_inputs_drawn_from_the_excluded_samples(reduction):
+def test_each_epoch_adds_fixmatch_term_once_over_every_excluded_sample(reduction):
     pseudo = PseudoLabels(threshold=0.3, weight=2.0, batch_size=16)
     expected = Expected(pseudo)
     module, data = fit([pseudo, expected], criterion=nn.CrossEntropyLoss(reduction=reduction), epochs=2)
     inputs = torch.stack([data.training_sample(i)[0] for i in range(data.num_train)]).flatten(1)
+    assert len(module.steps) == len(expected.terms) == 28, "two epochs of the 893 kept samples in batches of 64"
+    for epoch in (slice(0, 14), slice(14, 28)):
+        drawn = [drawn_ids(weak, inputs) for weak in expected.weak[epoch] if weak is not None]
+        assert sorted(len(ids) for ids in drawn) == [16] * 3 + [32] * 11, "25 batches of 16 over 14 steps"
+        assert torch.equal(torch.cat(drawn).sort().values, EXCLUDED), "every excluded sample once per epoch"
     for step, term, weak in zip(module.steps, expected.terms, expected.weak):
         labelled = nn.functional.cross_entropy(step["logits"], step["y"], reduction=reduction)
         scale = len(step["y"]) if reduction == "sum" else 1
         torch.testing.assert_close(step["loss"], labelled + scale * term)
-        assert len(weak) == 16
-        drawn = (weak.flatten(1)[:, None] == inputs[None]).all(2).float().argmax(1)
-        assert set(drawn.tolist()) <= set(EXCLUDED.tolist()), "only excluded samples' inputs are drawn"
-        assert not any(bool((step["x"].flatten(1) == row).all(1).any()) for row in weak.flatten(1))
-    assert len(module.steps) == len(expected.terms) == 28, "two epochs of the 893 kept samples in batches of 64"
+        if weak is not None:
+            assert not any(bool((step["x"].flatten(1) == row).all(1).any()) for row in weak.flatten(1))
     assert sum(term > 0 for term in expected.terms) > 14, "confident pseudo-labels reached the loss"
+
+
+def test_a_pass_of_few_excluded_samples_takes_a_few_steps_spread_over_the_epoch():
+    pseudo = PseudoLabels()
+    expected = Expected(pseudo)
+    fit([pseudo, expected], exclude=torch.arange(150))
+    steps = [i for i, weak in enumerate(expected.weak) if weak is not None]
+    assert steps == [0, 6, 12] and [len(expected.weak[i]) for i in steps] == [64, 64, 22]
 
 
 def test_nothing_is_added_while_nothing_is_excluded():
@@ -224,7 +240,7 @@ def test_inputs_the_shift_cannot_move_are_refused_at_the_first_batch_not_at_the_
             seen.append(batch_idx)
 
     trainer = Trainer(**trainer_kwargs(max_epochs=1), callbacks=[PseudoLabels(), Count()])
-    with pytest.raises(ValueError, match="Pass another augmentation"):
+    with pytest.raises(ValueError, match="PseudoLabels cannot augment.*augment=None.*filter=exclude_only"):
         trainer.fit(Recorder(), datamodule=RobustDataModule(FlatDigits()))
     assert seen == []
     trainer = Trainer(**trainer_kwargs(max_epochs=1, limit_val_batches=0), callbacks=[PseudoLabels(augment=None)])

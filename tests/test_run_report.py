@@ -30,7 +30,7 @@ def full_run(tmp_path_factory):
     callbacks = [
         PerClassMetrics(num_classes=10),
         RobustEvaluation(num_classes=10, eps=0.1, steps=2),
-        PoisonFilter(start_epoch=2, every_n_epochs=1, restart=False, dirpath=folder),
+        PoisonFilter(start_epoch=2, every_n_epochs=1, restart=None, dirpath=folder),
         DriftMonitor(every_n_epochs=1, permutations=100),
         RunReport(folder, title="Test report"),
     ]

@@ -13,6 +13,10 @@ from torch.nn.modules.loss import _Loss
 from torchmetrics import Metric
 
 from robust_lightning.data.fields import Key, get_field, resolve_key
+from robust_lightning.losses.base import RobustLossBase
+
+# Modules a LightningModule holds as attributes that are not part of its forward pass.
+NOT_FORWARD = (_Loss, RobustLossBase, Metric)
 
 # Leaves that may sit between the Linear layers of a classifier head.
 _HEAD_PARTS = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)
@@ -26,8 +30,17 @@ def head_input(module: nn.Module, owner: str = "This callback") -> nn.Module:
     ResNet's ``fc``. When that run is the whole model (an MLP), it is the last Linear instead, whose
     input is the penultimate layer.
     """
-    # A loss or a metric registered as an attribute is not part of the forward pass.
-    leaves = [m for m in module.modules() if not list(m.children()) and not isinstance(m, (_Loss, Metric))]
+    return classifier_head(module, owner)[0]
+
+
+def classifier_head(module: nn.Module, owner: str = "This callback") -> list[nn.Module]:
+    """The Linear layers of the model's classifier head (see :func:`head_input`), in order.
+
+    >>> from robust_lightning.models import SmallCNN
+    >>> [layer.out_features for layer in classifier_head(SmallCNN())]
+    [64, 10]
+    """
+    leaves = [m for m in module.modules() if not list(m.children()) and not isinstance(m, NOT_FORWARD)]
     linears = [m for m in leaves if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(
@@ -38,7 +51,7 @@ def head_input(module: nn.Module, owner: str = "This callback") -> nn.Module:
     while start > 0 and isinstance(leaves[start - 1], _HEAD_PARTS):
         start -= 1
     head = [m for m in leaves[start:] if isinstance(m, nn.Linear)]
-    return head[0] if start > 0 and head else linears[-1]
+    return head if start > 0 and head else linears[-1:]
 
 
 def gather_rows(trainer: Trainer, rows: Tensor) -> Tensor:

@@ -160,7 +160,7 @@ class PerClassMetrics(Callback):
         self.alert_margin, self.share_margin = alert_margin, share_margin
         self.min_count, self.warmup_epochs = int(min_count), int(warmup_epochs)
         self.history: list[dict[str, Any]] = []
-        self.restarts: list[int] = []  # epochs at which the model was restarted from scratch
+        self.restarts: list[int] = []  # epochs at which the model (or its head) restarted
         self._keep_history = False
         self._weights_epoch: int | None = None  # the epoch of a checkpoint loaded for evaluation
         self._metrics: dict[str, MetricCollection] = {}

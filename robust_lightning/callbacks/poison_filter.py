@@ -15,9 +15,10 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor
 
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
-from robust_lightning.callbacks.embedding import FeatureTap
+from robust_lightning.callbacks.embedding import FeatureTap, classifier_head
 from robust_lightning.callbacks.restart import (
     announce_restart,
+    head_state,
     load_training_state,
     reset_early_stopping,
     training_state,
@@ -43,6 +44,7 @@ from robust_lightning.detectors.combine import RULES
 log = logging.getLogger(__name__)
 
 ACTIONS = ("exclude", "report", "weight")
+RESTARTS = ("head", "model", None)
 # Confirm with precision (a model that never trained on the excluded samples judges them), screen with recall.
 DEFAULT_DETECTORS = (SpectralSignatures(z=4.0), KNNLabelConsistency(k=10, agreement=0.2))
 DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=1))
@@ -72,19 +74,30 @@ class PoisonFilter(Callback):
 
     **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
     detectors, tuned for recall, flag suspects. A model keeps what it learned from them (a
-    memorised flip, a backdoor) even once they are excluded, so with ``restart=True`` (unless
-    ``action="report"``) the weights, optimizer and schedulers go back to their state at the start
-    of fit when the next epoch starts (so the checkpoints of this epoch still hold the model their
-    scores belong to), and the run is extended by the epochs spent (``max_steps`` by the steps), so that
-    the restarted model trains ``max_epochs`` epochs without the suspects; the smaller filtered
-    epochs pay for most of it. Lightning's ``WeightAveraging`` averages afresh.
+    memorised flip, a backdoor) even once they are excluded, so (unless ``action="report"``) the
+    suspects are excluded and, when the next epoch starts (so that the checkpoints of this epoch
+    still hold the model their scores belong to), the model restarts:
+
+    - ``restart="head"`` (default): the classifier head (its trailing Linear layers, see
+      :func:`~robust_lightning.callbacks.embedding.classifier_head`) goes back to its weights at
+      the start of fit and the optimizer forgets its running state (Adam's moments); the feature
+      layers, the learning rates, the schedules and the run's length go on. The head is where a trigger's label and memorised flips are kept: on
+      the digits a head restart removes the backdoor as a full restart does, at no extra epochs
+      (docs/filtering.md). In a deep network a trigger can live in the features too: measure the
+      attack success rate, or restart the whole model.
+    - ``restart="model"``: the weights, optimizer and schedulers go back to their state at the
+      start of fit, and the run is extended by the epochs spent (``max_steps`` by the steps), so
+      that the restarted model trains ``max_epochs`` epochs without the suspects.
+    - ``restart=None``: no restart; every round uses ``detectors``.
+
+    Lightning's ``WeightAveraging`` averages afresh.
     ``EarlyStopping`` starts counting afresh (but one that stops the run in the restart epoch
     itself, e.g. by ``stopping_threshold`` on the old model, ends it before the restart); a
     ``ModelCheckpoint`` "best" score from before the restart is kept, so monitor a metric the
     restarted model will beat or use ``save_last``. The schedule counts again from the restart: a round runs after
     ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
     precision, joined by ``rule``. On top of them, whatever the rule, a sample this filter
-    excluded stays out while the restarted model, which has never trained on it (on its label: a
+    excluded stays out while the restarted model, whose head has never trained on its label (a
     :class:`~robust_lightning.callbacks.PseudoLabels` beside it trains on its input), assigns it to
     another class (exclusionary reclassification, the confirmation step of activation
     clustering): the screen's false alarms come back, poisoned samples stay out.
@@ -116,7 +129,8 @@ class PoisonFilter(Callback):
         dirpath: where ``flagged.csv`` goes.
         input_key: where the input is in a batch (default: position 0 or a key such as ``"image"``).
         target_key: where the label is (default: position 1 or a key such as ``"label"``).
-        restart: restart the model from its initial state after the first round that flags samples.
+        restart: after the first round that flags samples, restart the classifier head ("head"), the whole
+            model with an extended run ("model"), or nothing (None).
         screen: the detectors of the round that restarts the model. The default, spectral
             signatures at 2 trusted standard deviations and :class:`~robust_lightning.detectors.ReferenceKNN`,
             errs toward flagging.
@@ -130,11 +144,11 @@ class PoisonFilter(Callback):
         >>> data = RobustDataModule(DigitsDataModule(), poison=PairFlip({4: 8, 8: 4}, rate=0.4))
         >>> import tempfile
         >>> filter_ = PoisonFilter(start_epoch=2, every_n_epochs=0, dirpath=tempfile.mkdtemp())
-        >>> trainer = Trainer(max_epochs=3, callbacks=[filter_], logger=False, enable_checkpointing=False,
+        >>> trainer = Trainer(max_epochs=4, callbacks=[filter_], logger=False, enable_checkpointing=False,
         ...                   enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(SmallCNN(), datamodule=data)
-        >>> [r["epoch"] for r in filter_.rounds], trainer.current_epoch  # screen, restart, confirm
-        ([2, 4], 5)
+        >>> [r["epoch"] for r in filter_.rounds], trainer.current_epoch  # screen, restart the head, confirm
+        ([2, 4], 4)
         >>> len(data.excluded_ids) == int(filter_.flags.sum()) > 0
         True
     """
@@ -151,7 +165,7 @@ class PoisonFilter(Callback):
         dirpath: str | Path | None = None,
         input_key: Key | None = None,
         target_key: Key | None = None,
-        restart: bool = True,
+        restart: str | None = "head",
         screen: Sequence[str | Detector] = DEFAULT_SCREEN,
     ) -> None:
         self.detectors = _detector_set(detectors, "detectors")
@@ -172,7 +186,12 @@ class PoisonFilter(Callback):
         self.start_epoch, self.every_n_epochs = int(start_epoch), int(every_n_epochs)
         self.layer, self.dirpath = layer, dirpath
         self.input_key, self.target_key = input_key, target_key
-        self.restart = bool(restart)
+        if isinstance(restart, bool) or restart not in RESTARTS:
+            raise ValueError(
+                f"restart must be 'head', 'model' or None, got {restart!r}: 'head' restarts the classifier head, "
+                "'model' the whole model with an extended run (what restart=True did), None nothing (restart=False)."
+            )
+        self.restart = restart
         self._tap = FeatureTap("PoisonFilter", layer)
         self._trainer_training = False
         self._swap: CriterionSwap | None = None
@@ -210,6 +229,8 @@ class PoisonFilter(Callback):
         self._data = RobustDataModule.from_trainer(trainer, by="PoisonFilter")
         self._check_reference(trainer)
         self._tap.attach(pl_module)
+        if self._restarts and self.restart == "head":
+            _check_head(pl_module)
         if self.action == "weight":
             self._swap = CriterionSwap.of(pl_module, by="PoisonFilter(action='weight')")
             self._reweight = Reweight(self._swap, self._batch_weights)
@@ -235,8 +256,10 @@ class PoisonFilter(Callback):
         if self._margin_sum is None:
             self._margin_sum, self._margin_count = torch.zeros(n), torch.zeros(n)
         self._epoch_sum, self._epoch_count = torch.zeros(n), torch.zeros(n)
-        if self.restart and self.action != "report" and self._initial is None and not self.restarted:
-            self._initial = training_state(trainer, pl_module)
+        if self._restarts and self._initial is None and not self.restarted:
+            self._initial = (
+                training_state(trainer, pl_module) if self.restart == "model" else head_state(trainer, pl_module)
+            )
         if self._swap is not None:
             self._swap.add(self._reweight)
         self.on_train_start(trainer, pl_module)
@@ -357,9 +380,14 @@ class PoisonFilter(Callback):
     def _plan_restart(self, trainer: Trainer, epoch: int) -> None:
         """Restart when the next epoch starts, so that this epoch's checkpoints hold the model its scores belong to."""
         self._restart_pending = True
+        reset_early_stopping(trainer)  # one that judged this epoch before this callback must not end the run
+        if self.restart == "head":
+            rank_zero_only(log.info)(
+                "PoisonFilter restarts the classifier head from its initial weights after epoch %d.", epoch
+            )
+            return
         self.extended_by, self._extended_steps = epoch, trainer.global_step
         self._extend(trainer)
-        reset_early_stopping(trainer)  # one that judged this epoch before this callback must not end the run
         rank_zero_only(log.info)(
             "PoisonFilter restarts the model from its initial state after epoch %d; the run goes on for %d more "
             "epochs, so that it trains max_epochs epochs without the flagged samples.",
@@ -409,8 +437,12 @@ class PoisonFilter(Callback):
 
     # ---------------------------------------------------------------- reports
     @property
+    def _restarts(self) -> bool:
+        return self.restart is not None and self.action != "report"
+
+    @property
     def restarted(self) -> bool:
-        """Whether the model has been restarted from its initial state after a round."""
+        """Whether the model (or its head) has been restarted after a round."""
         return any(r["restarted"] for r in self.rounds)
 
     def _summary(self, epoch: int, labels: Tensor) -> dict[str, Any]:
@@ -482,6 +514,16 @@ def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: st
     if not built:
         raise ValueError(f"PoisonFilter needs at least one detector in {what}.")
     return built
+
+
+def _check_head(pl_module: LightningModule) -> None:
+    try:
+        classifier_head(pl_module)
+    except ValueError:
+        raise ValueError(
+            f"PoisonFilter(restart='head') restarts the classifier head of {type(pl_module).__name__}, its trailing "
+            "nn.Linear layers, and it has none. Pass restart='model' to restart the whole model instead."
+        ) from None
 
 
 def _first_per_id(ids: Tensor, n: int) -> Tensor:

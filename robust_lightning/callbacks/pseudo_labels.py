@@ -23,12 +23,17 @@ class PseudoLabels(SeededCallback):
     """Learn from the samples a filter excluded, through their inputs alone: FixMatch (Sohn et al., NeurIPS 2020).
 
     An excluded sample's label is not trusted, but its input is a real sample of some class.
-    Each training step draws ``batch_size`` ids from :class:`~robust_lightning.data.RobustDataModule`'s
-    excluded ones (with replacement) and adds, through the module's ``self.criterion``,
+    Each epoch goes once through :class:`~robust_lightning.data.RobustDataModule`'s excluded ids,
+    in a random order, in batches of ``batch_size`` spread evenly over the epoch's training steps
+    (under DDP the ranks share the pass): the excluded samples are trained on as often as the
+    others, through their inputs alone, at about the cost of training on them. A step that gets
+    such a batch adds, through the module's ``self.criterion``,
     ``weight * mean(1[max p(x) >= threshold] * CE(f(augment(x)), argmax p(x)))``: the model's
     prediction on the input, where it is confident, becomes the target of the same input
     augmented (FixMatch's consistency term, its defaults ``threshold=0.95`` and weight 1). The
-    pseudo-label comes from the same step's weights, without gradients.
+    pseudo-label comes from the same step's weights, without gradients. (FixMatch draws a fixed
+    multiple of the labelled batch every step; one pass per epoch is what keeps the cost of an
+    exclusion filter with pseudo-labels near that of training on everything.)
 
     Against poisoning this completes an exclusion filter
     (:class:`~robust_lightning.callbacks.PoisonFilter`): flipped samples are trained toward their
@@ -45,7 +50,7 @@ class PseudoLabels(SeededCallback):
     Args:
         threshold: the confidence a prediction needs to become a target, in (0, 1].
         weight: the term's weight against the module's loss.
-        batch_size: excluded samples per step; default, the training batch's size.
+        batch_size: excluded samples per batch of the term; default, the size of the first training batch.
         augment: ``augment(x) -> x``, what the student sees; :func:`~robust_lightning.augment.random_shift`
             (up to one pixel) by default, which needs image batches. ``None`` trains on the inputs as they are.
         attr: the module's loss attribute.
@@ -95,6 +100,8 @@ class PseudoLabels(SeededCallback):
         self._data: RobustDataModule | None = None
         self._module: LightningModule | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._plan: tuple[int, dict[int, Tensor]] | None = None  # (epoch, ids of each step that gets a batch)
+        self._chunk: int | None = None
         self._inputs_checked = False
         self._seeds = BatchSeed(f"pseudo_labels/{attr}")
 
@@ -116,7 +123,7 @@ class PseudoLabels(SeededCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self._swap is not None:
             self._swap.remove(self._term)
-        self._pending = None
+        self._pending = self._plan = self._chunk = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
@@ -126,21 +133,42 @@ class PseudoLabels(SeededCallback):
         inputs = get_field(batch, resolve_key(batch, self.input_key, "input"))
         if not self._inputs_checked:
             self._check_inputs(trainer, batch_idx, inputs)
-        pool = self._data.excluded_ids
-        if not len(pool):
+        self._chunk = self._chunk or self.batch_size or len(inputs)
+        if self._plan is None or self._plan[0] != trainer.current_epoch:
+            self._plan = (trainer.current_epoch, self._epoch_plan(trainer))
+        ids = self._plan[1].get(batch_idx)
+        if ids is None:
             return
         with self._seeds.fork_for(trainer, batch_idx, inputs.device):
-            ids = pool[torch.randint(len(pool), (self.batch_size or len(inputs),))]
             excluded = as_training_batch(trainer, self._data.training_batch(ids))
             weak = get_field(excluded, resolve_key(excluded, self.input_key, "input"))
             self._pending = (weak, weak if self.augment is None else self.augment(weak))
 
+    def _epoch_plan(self, trainer: Trainer) -> dict[int, Tensor]:
+        """This rank's share of one pass over the excluded ids, in batches, keyed by the step that takes each."""
+        pool, steps = self._data.excluded_ids, trainer.num_training_batches
+        if not len(pool) or not 0 < steps < math.inf:
+            return {}
+        with self._seeds.fork(torch.device("cpu"), trainer.current_epoch):  # the same order on every rank
+            order = pool[torch.randperm(len(pool))]
+        chunks = order[trainer.global_rank :: trainer.world_size].split(self._chunk)
+        plan: dict[int, list[Tensor]] = {}
+        for index, chunk in enumerate(chunks):  # more batches than steps: a step takes several, joined
+            plan.setdefault(index * steps // len(chunks), []).append(chunk)
+        return {step: torch.cat(parts) for step, parts in plan.items()}
+
     def _check_inputs(self, trainer: Trainer, batch_idx: int, inputs: Any) -> None:
         """Fail at the first batch, not epochs later when the filter first excludes something."""
         check_float_inputs(inputs, "PseudoLabels")
-        if self.augment is not None:  # raises its own error, naming the fix, for inputs it cannot augment
-            with self._seeds.fork_for(trainer, batch_idx, inputs.device):  # the global RNG stays untouched
-                self.augment(inputs[:1])
+        if self.augment is not None:
+            try:
+                with self._seeds.fork_for(trainer, batch_idx, inputs.device):  # the global RNG stays untouched
+                    self.augment(inputs[:1])
+            except (ValueError, TypeError) as error:
+                raise type(error)(
+                    f"PseudoLabels cannot augment these inputs: {error} PseudoLabels(augment=None) trains on them "
+                    "as they are; from the command line, filter=exclude_only runs the filter without pseudo-labels."
+                ) from error
         self._inputs_checked = True
 
     def _term(self, compute: Compute, reduction: str, input: Tensor, target: Tensor, *args, **kwargs) -> Tensor:

@@ -1,4 +1,4 @@
-"""Save and restore a run's training state, for restarting the model in the middle of fit."""
+"""Save and restore a run's training state, for restarting the model, or its classifier head, in the middle of fit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
+from torch.nn.modules.loss import _Loss
+
+from robust_lightning.callbacks.embedding import classifier_head
+from robust_lightning.losses.base import RobustLossBase
 
 
 def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -22,9 +26,30 @@ def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, An
             "model": pl_module.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
             "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
-            "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks if _restarts_with_model(c)},
+            "callbacks": _callback_states(trainer),
         }
     )
+
+
+def head_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Copies of the classifier head's weights (:func:`~robust_lightning.callbacks.embedding.classifier_head`),
+    of the module's losses' state (ELR's targets) and of the callback states :func:`training_state`
+    keeps, to restart the head from: what follows the model's answers restarts with the head."""
+    restarting = {id(layer) for layer in classifier_head(pl_module)}
+    restarting |= {id(module) for module in pl_module.modules() if isinstance(module, (_Loss, RobustLossBase))}
+    names = {name for name, module in pl_module.named_modules() if id(module) in restarting}
+    weights = {key: value for key, value in pl_module.state_dict().items() if _owner(key, names)}
+    return copy.deepcopy({"head": weights, "callbacks": _callback_states(trainer)})
+
+
+def _owner(key: str, names: set[str]) -> bool:
+    """Whether a state_dict key belongs to one of the modules ``names`` (or to a submodule of one)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
+def _callback_states(trainer: Trainer) -> dict[str, Any]:
+    return {c.state_key: c.state_dict() for c in trainer.callbacks if _restarts_with_model(c)}
 
 
 def _restarts_with_model(callback: Any) -> bool:
@@ -32,15 +57,28 @@ def _restarts_with_model(callback: Any) -> bool:
 
 
 def load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
-    pl_module.load_state_dict(state["model"])
-    for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
-        optimizer.load_state_dict(saved)
-    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
-        config.scheduler.load_state_dict(saved)
+    """Go back to a state of :func:`training_state` or :func:`head_state`."""
+    if "head" in state:
+        _load_head(trainer, pl_module, state["head"])
+    else:
+        pl_module.load_state_dict(state["model"])
+        for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+            config.scheduler.load_state_dict(saved)
     saved_callbacks = state.get("callbacks", {})  # absent from checkpoints of earlier versions
     for callback in trainer.callbacks:
         if _restarts_with_model(callback) and callback.state_key in saved_callbacks:
             callback.load_state_dict(saved_callbacks[callback.state_key])
+
+
+def _load_head(trainer: Trainer, pl_module: LightningModule, weights: dict[str, torch.Tensor]) -> None:
+    """The head's saved weights back, and every optimizer's running state (Adam's moments) forgotten: the
+    moments carry what the suspects taught the feature layers too, and on the digits forgetting them
+    is what keeps a backdoor out on every seed. The learning rates and the schedules go on."""
+    pl_module.load_state_dict(weights, strict=False)  # the other keys are missing on purpose
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
 
 
 def reset_early_stopping(trainer: Trainer) -> None:

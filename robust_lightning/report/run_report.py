@@ -78,7 +78,7 @@ def _per_class(metrics: PerClassMetrics, folder: Path) -> list[Section]:
         alerts = [f"epoch {r['epoch']}: {alert}" for r in val for alert in r.get("alerts", [])]
         text = [f"{len(alerts)} class alert(s) were raised." if alerts else "No class alert was raised."]
         if metrics.restarts:
-            text.append(f"The model was restarted from scratch at epoch(s) {metrics.restarts} (dashed lines).")
+            text.append(f"The model or its classifier head restarted at epoch(s) {metrics.restarts} (dashed lines).")
         figure = plots.per_class_accuracy(val, metrics.class_names, folder / "per_class_accuracy.png", metrics.restarts)
         sections.append(Section("Per-class accuracy across epochs", text, bullets=alerts[:30], figure=figure))
     latest = _latest(metrics.history)  # a test run before fit must not stand for the model that fit trained
