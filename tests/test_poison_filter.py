@@ -252,6 +252,16 @@ def test_a_checkpoint_taken_before_the_restart_keeps_the_initial_weights(tmp_pat
     assert set(initial[kept]) == expected
 
 
+def test_a_run_saved_before_its_restart_resumes_only_with_the_restart_it_planned(tmp_path):
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path, restart="model")
+    trainer, _, _ = fit_with_filter(tmp_path, filter_, epochs=1)
+    trainer.save_checkpoint(tmp_path / "early.ckpt")
+    data = RobustDataModule(DigitsDataModule(), poison=PairFlip(FLIPS, rate=0.4))
+    again = Trainer(**trainer_kwargs(max_epochs=2), callbacks=[PoisonFilter(start_epoch=3, dirpath=tmp_path)])
+    with pytest.raises(ValueError, match=r"saved by PoisonFilter\(restart='model'\).*Resume with"):
+        again.fit(SmallCNN(), datamodule=data, ckpt_path=tmp_path / "early.ckpt")
+
+
 class DumpFilter(Callback):
     def __init__(self, folder):
         self.folder = folder

@@ -12,6 +12,7 @@ from robust_lightning import RobustDataModule
 from robust_lightning.augment import random_shift
 from robust_lightning.callbacks import Mixup, PseudoLabels, RobustLoss
 from robust_lightning.callbacks.embedding import FeatureTap, side_forward
+from robust_lightning.callbacks.pseudo_labels import spread_pass
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.losses import GCELoss
 from robust_lightning.models import SmallCNN
@@ -245,3 +246,14 @@ def test_inputs_the_shift_cannot_move_are_refused_at_the_first_batch_not_at_the_
     assert seen == []
     trainer = Trainer(**trainer_kwargs(max_epochs=1, limit_val_batches=0), callbacks=[PseudoLabels(augment=None)])
     trainer.fit(Recorder(), datamodule=RobustDataModule(FlatDigits()))
+
+
+def test_ranks_share_one_pass_and_take_as_many_batches_each():
+    order = torch.randperm(131, generator=torch.Generator().manual_seed(0))
+    plans = [spread_pass(order, rank, 2, 32, 10) for rank in range(2)]
+    assert [len(plan) for plan in plans] == [3, 3], "66 ids each (one repeated to even out), in 3 batches"
+    drawn = torch.cat([ids for plan in plans for ids in plan.values()])
+    assert len(drawn) == 132 and set(drawn.tolist()) == set(order.tolist())
+    assert spread_pass(torch.tensor([7]), 1, 2, 64, 10)[0].tolist() == [7], "fewer ids than ranks: none left empty"
+    many = spread_pass(torch.arange(100), 0, 1, 10, 4)
+    assert sorted(len(ids) for ids in many.values()) == [20, 20, 30, 30], "more batches than steps: joined"

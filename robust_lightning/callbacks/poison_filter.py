@@ -130,7 +130,9 @@ class PoisonFilter(Callback):
         input_key: where the input is in a batch (default: position 0 or a key such as ``"image"``).
         target_key: where the label is (default: position 1 or a key such as ``"label"``).
         restart: after the first round that flags samples, restart the classifier head ("head"), the whole
-            model with an extended run ("model"), or nothing (None).
+            model with an extended run ("model"), or nothing (None). Either restart also restarts the
+            module's loss state, the callbacks' state that follows the model, and every optimizer's
+            running state.
         screen: the detectors of the round that restarts the model. The default, spectral
             signatures at 2 trusted standard deviations and :class:`~robust_lightning.detectors.ReferenceKNN`,
             errs toward flagging.
@@ -349,7 +351,8 @@ class PoisonFilter(Callback):
         }
         combined = combine(list(detections.values()), self.rule)
         if self.restarted and self.action == "exclude":
-            # Never trained on since the restart, so the model's answer on them is out of sample.
+            # Their labels never trained the restarted head (the features saw them before the screen, and
+            # PseudoLabels trains on their inputs), so the answer on them does not echo their labels.
             held_out = self._owned & ~self._seen
             reclassified = exclusionary_reclassification(signals.logits, signals.labels, held_out)
             detections["reclassification"] = reclassified
@@ -495,6 +498,16 @@ class PoisonFilter(Callback):
             "restart_pending": self._restart_pending,
         }
 
+    def _check_saved_restart(self) -> None:
+        """A run saved before its restart resumes with the restart it planned, or says what to pass."""
+        if self._initial is None or self.restart == _restart_kind(self._initial):
+            return
+        raise ValueError(
+            f"This checkpoint was saved by PoisonFilter(restart={_restart_kind(self._initial)!r}) before its restart, "
+            f"and this PoisonFilter has restart={self.restart!r}. Resume with "
+            f"PoisonFilter(restart={_restart_kind(self._initial)!r}) (checkpoints of earlier versions: 'model')."
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -502,9 +515,14 @@ class PoisonFilter(Callback):
         self.sources, self.rounds = list(state_dict["sources"]), list(state_dict["rounds"])
         self._margin_sum, self._margin_count = state_dict["margin_sum"].clone(), state_dict["margin_count"].clone()
         self._initial = state_dict["initial"]
+        self._check_saved_restart()
         self.extended_by, self._extended_steps = state_dict["extended_by"], state_dict["extended_steps"]
         self._owned, self._seen = state_dict["owned"].clone(), state_dict["seen"].clone()
         self._restart_pending = state_dict["restart_pending"]
+
+
+def _restart_kind(initial: dict[str, Any]) -> str:
+    return "head" if "head" in initial else "model"
 
 
 def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:

@@ -25,7 +25,8 @@ class PseudoLabels(SeededCallback):
     An excluded sample's label is not trusted, but its input is a real sample of some class.
     Each epoch goes once through :class:`~robust_lightning.data.RobustDataModule`'s excluded ids,
     in a random order, in batches of ``batch_size`` spread evenly over the epoch's training steps
-    (under DDP the ranks share the pass): the excluded samples are trained on as often as the
+    (a step takes several at once when there are more batches than steps; under DDP the ranks
+    share the pass): the excluded samples are trained on as often as the
     others, through their inputs alone, at about the cost of training on them. A step that gets
     such a batch adds, through the module's ``self.criterion``,
     ``weight * mean(1[max p(x) >= threshold] * CE(f(augment(x)), argmax p(x)))``: the model's
@@ -151,11 +152,15 @@ class PseudoLabels(SeededCallback):
             return {}
         with self._seeds.fork(torch.device("cpu"), trainer.current_epoch):  # the same order on every rank
             order = pool[torch.randperm(len(pool))]
-        chunks = order[trainer.global_rank :: trainer.world_size].split(self._chunk)
-        plan: dict[int, list[Tensor]] = {}
-        for index, chunk in enumerate(chunks):  # more batches than steps: a step takes several, joined
-            plan.setdefault(index * steps // len(chunks), []).append(chunk)
-        return {step: torch.cat(parts) for step, parts in plan.items()}
+        return spread_pass(order, trainer.global_rank, trainer.world_size, self._chunk, steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The batch size taken from the first batch, so that a run resumed mid-epoch plans as the first did.
+        return {**super().state_dict(), **({"chunk": self._chunk} if self._chunk else {})}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._chunk = state_dict.get("chunk", self._chunk)
 
     def _check_inputs(self, trainer: Trainer, batch_idx: int, inputs: Any) -> None:
         """Fail at the first batch, not epochs later when the filter first excludes something."""
@@ -196,3 +201,23 @@ def _logits(module: LightningModule, x: Tensor) -> Tensor:
             "it returned something else. Return the logits from forward (and compute anything else in training_step)."
         )
     return logits.float()
+
+
+def spread_pass(order: Tensor, rank: int, world_size: int, batch_size: int, steps: int) -> dict[int, Tensor]:
+    """Rank ``rank``'s share of ``order`` in batches of ``batch_size``, keyed by the step (of ``steps``) that takes each.
+
+    The order is wrapped round to a multiple of the ranks, as DistributedSampler pads, so that every
+    rank takes as many batches: a collective in the extra forward (SyncBatchNorm) must not wait for
+    a rank that has none. With more batches than steps, a step takes several, joined.
+
+    >>> plan = spread_pass(torch.arange(5), rank=1, world_size=2, batch_size=2, steps=4)
+    >>> {step: ids.tolist() for step, ids in plan.items()}
+    {0: [1, 3], 2: [0]}
+    """
+    share = math.ceil(len(order) / world_size)
+    order = order.repeat(math.ceil(share * world_size / len(order)))[: share * world_size]
+    batches = order[rank::world_size].split(batch_size)
+    plan: dict[int, list[Tensor]] = {}
+    for index, batch in enumerate(batches):
+        plan.setdefault(index * steps // len(batches), []).append(batch)
+    return {step: torch.cat(parts) for step, parts in plan.items()}

@@ -76,7 +76,9 @@ def _load_head(trainer: Trainer, pl_module: LightningModule, weights: dict[str, 
     """The head's saved weights back, and every optimizer's running state (Adam's moments) forgotten: the
     moments carry what the suspects taught the feature layers too, and on the digits forgetting them
     is what keeps a backdoor out on every seed. The learning rates and the schedules go on."""
-    pl_module.load_state_dict(weights, strict=False)  # the other keys are missing on purpose
+    unexpected = pl_module.load_state_dict(weights, strict=False).unexpected_keys  # the others are left out on purpose
+    if unexpected:
+        raise RuntimeError(f"The saved classifier head does not fit this model (keys {unexpected}); this is a bug.")
     for optimizer in trainer.optimizers:
         optimizer.state.clear()
 
