@@ -16,7 +16,8 @@ from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.losses.base import RobustLossBase
 
 # Modules a LightningModule holds as attributes that are not part of its forward pass.
-NOT_FORWARD = (_Loss, RobustLossBase, Metric)
+LOSSES = (_Loss, RobustLossBase)
+NOT_FORWARD = (*LOSSES, Metric)
 
 # Leaves that may sit between the Linear layers of a classifier head.
 _HEAD_PARTS = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU)

@@ -21,6 +21,7 @@ from robust_lightning.callbacks.restart import (
     head_state,
     load_training_state,
     reset_early_stopping,
+    restart_kind,
     training_state,
 )
 from robust_lightning.data.fields import Key, get_field, resolve_key
@@ -500,12 +501,13 @@ class PoisonFilter(Callback):
 
     def _check_saved_restart(self) -> None:
         """A run saved before its restart resumes with the restart it planned, or says what to pass."""
-        if self._initial is None or self.restart == _restart_kind(self._initial):
+        saved = None if self._initial is None else restart_kind(self._initial)
+        if saved in (None, self.restart):
             return
         raise ValueError(
-            f"This checkpoint was saved by PoisonFilter(restart={_restart_kind(self._initial)!r}) before its restart, "
-            f"and this PoisonFilter has restart={self.restart!r}. Resume with "
-            f"PoisonFilter(restart={_restart_kind(self._initial)!r}) (checkpoints of earlier versions: 'model')."
+            f"This checkpoint was saved by PoisonFilter(restart={saved!r}) before its restart, and this PoisonFilter "
+            f"has restart={self.restart!r}. Resume with PoisonFilter(restart={saved!r}) (checkpoints of earlier "
+            "versions: 'model')."
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -519,10 +521,6 @@ class PoisonFilter(Callback):
         self.extended_by, self._extended_steps = state_dict["extended_by"], state_dict["extended_steps"]
         self._owned, self._seen = state_dict["owned"].clone(), state_dict["seen"].clone()
         self._restart_pending = state_dict["restart_pending"]
-
-
-def _restart_kind(initial: dict[str, Any]) -> str:
-    return "head" if "head" in initial else "model"
 
 
 def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:

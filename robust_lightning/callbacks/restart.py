@@ -8,10 +8,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
-from torch.nn.modules.loss import _Loss
 
-from robust_lightning.callbacks.embedding import classifier_head
-from robust_lightning.losses.base import RobustLossBase
+from robust_lightning.callbacks.embedding import LOSSES, classifier_head
 
 
 def training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -36,7 +34,7 @@ def head_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     of the module's losses' state (ELR's targets) and of the callback states :func:`training_state`
     keeps, to restart the head from: what follows the model's answers restarts with the head."""
     restarting = {id(layer) for layer in classifier_head(pl_module)}
-    restarting |= {id(module) for module in pl_module.modules() if isinstance(module, (_Loss, RobustLossBase))}
+    restarting |= {id(module) for module in pl_module.modules() if isinstance(module, LOSSES)}
     names = {name for name, module in pl_module.named_modules() if id(module) in restarting}
     weights = {key: value for key, value in pl_module.state_dict().items() if _owner(key, names)}
     return copy.deepcopy({"head": weights, "callbacks": _callback_states(trainer)})
@@ -56,9 +54,14 @@ def _restarts_with_model(callback: Any) -> bool:
     return getattr(callback, "restarts_with_model", False)
 
 
+def restart_kind(state: dict[str, Any]) -> str:
+    """Which restart a saved state is for: "head" (:func:`head_state`) or "model" (:func:`training_state`)."""
+    return "head" if "head" in state else "model"
+
+
 def load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
     """Go back to a state of :func:`training_state` or :func:`head_state`."""
-    if "head" in state:
+    if restart_kind(state) == "head":
         _load_head(trainer, pl_module, state["head"])
     else:
         pl_module.load_state_dict(state["model"])
