@@ -4,12 +4,15 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from robust_lightning import RobustDataModule
+from robust_lightning.data import DigitsDataModule
 from robust_lightning.detectors import (
     DETECTORS,
     ActivationClustering,
     AreaUnderMargin,
     Detection,
     Ensemble,
+    InputSpectralSignatures,
     KNNLabelConsistency,
     Signals,
     SpectralSignatures,
@@ -19,6 +22,7 @@ from robust_lightning.detectors import (
     margins_of,
     spectral_signatures,
 )
+from robust_lightning.poison import BackdoorTrigger
 
 
 def blobs(seed=0, clean=90, odd=10, shift=4.0, dim=8):
@@ -52,6 +56,26 @@ def test_reference_spectral_signatures_flag_outliers_of_the_trusted_class_and_sp
         Signals(labels[:90], 1, features=x[:90], reference_features=reference, reference_labels=ref_labels)
     )
     assert clean.flags.float().mean() <= 0.02
+
+
+def digits_signals(poison, seed):
+    data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
+    data.setup("fit")
+    inputs = torch.stack([data.training_sample(i)[0] for i in range(data.num_train)]).flatten(1)
+    trusted, trusted_labels = data.datamodule.val_set.tensors
+    signals = Signals(
+        data.train_labels, 10, inputs=inputs, reference_inputs=trusted.flatten(1), reference_labels=trusted_labels
+    )
+    return signals, data.poison_mask
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_input_spectral_signatures_find_every_stamped_digit_and_no_clean_one(seed):
+    signals, mask = digits_signals(BackdoorTrigger(target=0, rate=0.1, seed=seed), seed)
+    detection = InputSpectralSignatures()(signals)
+    assert torch.equal(detection.flags, mask), "on seed 7 one triggered sample passes for a 0 in the features"
+    clean, _ = digits_signals(None, seed)
+    assert not InputSpectralSignatures()(clean).flags.any()
 
 
 def test_a_class_with_too_few_trusted_samples_is_not_judged():

@@ -13,7 +13,9 @@ from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
+from robust_lightning.callbacks.poison_filter import MAX_INPUT_DIMS
 from robust_lightning.data import DigitsDataModule
+from robust_lightning.detectors import InputSpectralSignatures
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import BackdoorTrigger, PairFlip
 
@@ -68,7 +70,7 @@ def test_the_filter_screens_restarts_the_model_confirms_and_reports(tmp_path):
     assert max(per_class[c] for c in (0, 1, 2, 3, 5, 7)) < min(per_class[c] for c in FLIPS)
     rows = list(csv.DictReader((tmp_path / "flagged.csv").read_text().splitlines()))
     assert [int(r["id"]) for r in rows] == filter_.flags.nonzero().flatten().tolist()
-    names = {"spectral", "knn", "reclassification"}
+    names = {"spectral", "knn", "input_spectral", "reclassification"}
     assert {r["detector"] for r in rows} and all(set(r["detector"].split("+")) <= names for r in rows)
     labels = torch.tensor([int(data._train[int(r["id"])][0][1]) for r in rows])
     assert [int(r["label"]) for r in rows] == labels.tolist(), "the label given to the model, poisoned or not"
@@ -435,3 +437,32 @@ def test_excluding_the_triggered_samples_needs_a_restart_to_unlearn_the_backdoor
         assert success <= 0.08, "a head that never saw them labelled 0 maps the trigger nowhere (seeds 0-3: 0-4%)"
     else:
         assert success >= 0.25, "without a restart the backdoor outlives the exclusion (seeds 0-3: 36-84%)"
+
+
+class WideDigits(DigitsDataModule):
+    """The digits as 3 x 32 x 32 images (3,072 values, wider than PoisonFilter's input projection)."""
+
+    def setup(self, stage):
+        super().setup(stage)  # keeps splits made by an earlier call, which are already wide
+        for name in ("train_set", "val_set", "test_set"):
+            x, y = getattr(self, name).tensors
+            if x.shape[1] == 1:
+                wide = torch.nn.functional.interpolate(x, scale_factor=4).repeat(1, 3, 1, 1)
+                setattr(self, name, torch.utils.data.TensorDataset(wide, y))
+
+
+def test_wide_inputs_are_projected_and_the_stamped_ones_still_found(tmp_path):
+    seed_everything(0)
+    drill = BackdoorTrigger(target=0, rate=0.1, size=8, seed=0)
+    data = RobustDataModule(WideDigits(), poison=drill)
+    filter_ = PoisonFilter(
+        detectors=[InputSpectralSignatures()],
+        screen=[InputSpectralSignatures()],
+        start_epoch=1,
+        every_n_epochs=0,
+        action="report",
+        dirpath=tmp_path,
+    )
+    Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(in_channels=3), datamodule=data)
+    assert filter_._input_projection().shape == (3 * 32 * 32, MAX_INPUT_DIMS)
+    assert torch.equal(filter_.flags, data.poison_mask)

@@ -146,12 +146,14 @@ class FeatureTap:
         with_ids: bool = False,
         gather: bool = True,
         with_inputs: bool = False,
+        input_projection: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Features, logits and labels of every batch in eval mode, gathered from all ranks.
 
         With ``with_ids`` each batch is ``(batch, ids)`` and the ids are returned too. With
         ``gather=False`` each rank keeps its own rows, for batches every rank reads whole. With
-        ``with_inputs`` the inputs come back too, flattened to one row per sample.
+        ``with_inputs`` the inputs come back too, flattened to one row per sample and, given an
+        ``input_projection``, multiplied by it batch by batch.
         """
         was_training = pl_module.training
         pl_module.eval()
@@ -165,7 +167,8 @@ class FeatureTap:
                 batch = as_training_batch(trainer, batch)
                 inputs = get_field(batch, resolve_key(batch, input_key, "input"))
                 if with_inputs:
-                    rows["inputs"].append(inputs.detach().flatten(1).float().cpu())
+                    flat = inputs.detach().flatten(1).float().cpu()
+                    rows["inputs"].append(flat if input_projection is None else flat @ input_projection)
                 self.start()
                 with precision.forward_context():
                     pl_module(inputs)  # converted to the precision's dtype with the batch

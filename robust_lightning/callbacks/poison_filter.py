@@ -31,6 +31,7 @@ from robust_lightning.detectors import (
     DETECTORS,
     Detection,
     Detector,
+    InputSpectralSignatures,
     KNNLabelConsistency,
     ReferenceKNN,
     Signals,
@@ -47,8 +48,12 @@ log = logging.getLogger(__name__)
 ACTIONS = ("exclude", "report", "weight")
 RESTARTS = ("head", "model", None)
 # Confirm with precision (a model that never trained on the excluded samples judges them), screen with recall.
-DEFAULT_DETECTORS = (SpectralSignatures(z=4.0), KNNLabelConsistency(k=10, agreement=0.2))
-DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=1))
+# Both look for triggers in the inputs too: one triggered sample whose features pass is enough to
+# bring a backdoor back (docs/filtering.md, "On seeds it was not tuned on").
+DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreement=0.2), InputSpectralSignatures())
+DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=2), InputSpectralSignatures())
+# Wider inputs are reduced by a seeded Gaussian projection, which keeps their distances (Johnson-Lindenstrauss).
+MAX_INPUT_DIMS = 1024
 
 
 def build_detector(detector: str | Detector) -> tuple[str, Detector]:
@@ -422,6 +427,8 @@ class PoisonFilter(Callback):
             margins=torch.where(counts > 0, self._margin_sum / counts.clamp_min(1), torch.nan).float(),
             reference_features=reference.get("features"),
             reference_labels=reference.get("labels"),
+            inputs=train["inputs"][order] if "inputs" in train else None,
+            reference_inputs=reference.get("inputs"),
         )
 
     def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
@@ -431,10 +438,32 @@ class PoisonFilter(Callback):
         if not loaders:
             return {}
         parts = [self._embed(trainer, pl_module, loader, with_ids=False) for loader in loaders]
-        return {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
+        return {
+            key: torch.cat([part[key] for part in parts]) for key in parts[0] if key in ("features", "labels", "inputs")
+        }
 
     def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
-        return self._tap.embed(trainer, pl_module, loader, self.input_key, self.target_key, with_ids)
+        needs_inputs = any(getattr(d, "needs_inputs", False) for d in (*self.screen.values(), *self.detectors.values()))
+        projection = self._input_projection() if needs_inputs else None
+        return self._tap.embed(
+            trainer,
+            pl_module,
+            loader,
+            self.input_key,
+            self.target_key,
+            with_ids,
+            with_inputs=needs_inputs,
+            input_projection=projection,
+        )
+
+    def _input_projection(self) -> Tensor | None:
+        """None for inputs of at most MAX_INPUT_DIMS values, else the same seeded projection on every rank."""
+        sample = self._data.training_sample(0)
+        width = torch.as_tensor(get_field(sample, resolve_key(sample, self.input_key, "input"))).numel()
+        if width <= MAX_INPUT_DIMS:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(width, MAX_INPUT_DIMS, generator=generator) / MAX_INPUT_DIMS**0.5
 
     def _key(self, batch: Any, role: str) -> Key:
         return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)

@@ -11,6 +11,7 @@ from robust_lightning.detectors.duplicates import NearDuplicates, near_duplicate
 from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
 from robust_lightning.detectors.knn import KNNLabelConsistency, ReferenceKNN, knn_label_consistency, reference_knn
 from robust_lightning.detectors.spectral import (
+    InputSpectralSignatures,
     SpectralSignatures,
     reference_spectral_signatures,
     spectral_signatures,
@@ -20,6 +21,7 @@ DETECTORS = {
     cls.name: cls
     for cls in (
         SpectralSignatures,
+        InputSpectralSignatures,
         ActivationClustering,
         KNNLabelConsistency,
         ReferenceKNN,
@@ -35,6 +37,7 @@ __all__ = [
     "Detection",
     "Detector",
     "Ensemble",
+    "InputSpectralSignatures",
     "KNNLabelConsistency",
     "NearDuplicates",
     "ReferenceKNN",

@@ -30,6 +30,8 @@ class Signals:
             NaN for a sample never seen.
         reference_features: features of trusted samples (the validation split), ``(M, D)``.
         reference_labels: their labels, ``(M,)``.
+        inputs: the inputs, one flattened row per sample, ``(N, P)``.
+        reference_inputs: the trusted samples' inputs, ``(M, P)``.
     """
 
     labels: Tensor
@@ -39,6 +41,8 @@ class Signals:
     margins: Tensor | None = None
     reference_features: Tensor | None = None
     reference_labels: Tensor | None = None
+    inputs: Tensor | None = None
+    reference_inputs: Tensor | None = None
 
     def need(self, *names: str, by: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]
