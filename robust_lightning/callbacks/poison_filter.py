@@ -123,9 +123,10 @@ class PoisonFilter(Callback):
 
     Args:
         detectors: detector names (see :data:`~robust_lightning.detectors.DETECTORS`) or instances,
-            for the rounds after the restart (or every round without one). The default pairs
-            spectral signatures against the trusted split at 4 standard deviations (triggers,
-            flips) with kNN label consistency (scattered noise).
+            for the rounds after the restart (or every round without one). The default:
+            spectral signatures against the trusted split at 5 standard deviations (triggers,
+            flips), kNN label consistency (scattered noise) and
+            :class:`~robust_lightning.detectors.InputSpectralSignatures` (stamped triggers).
         rule: how the detectors' flags combine: "any", "majority" or "all".
         start_epoch: epochs the model trains before the first round (and again after a restart).
         every_n_epochs: epochs between rounds; 0 runs one round (and one more after a restart).
@@ -139,9 +140,12 @@ class PoisonFilter(Callback):
             model with an extended run ("model"), or nothing (None). Either restart also restarts the
             module's loss state, the callbacks' state that follows the model, and every optimizer's
             running state.
-        screen: the detectors of the round that restarts the model. The default, spectral
-            signatures at 2 trusted standard deviations and :class:`~robust_lightning.detectors.ReferenceKNN`,
-            errs toward flagging.
+        screen: the detectors of the round that restarts the model. The default errs toward
+            flagging: spectral signatures at 2 trusted standard deviations,
+            :class:`~robust_lightning.detectors.ReferenceKNN` with ``k=2``, and
+            :class:`~robust_lightning.detectors.InputSpectralSignatures`. Detectors that read the
+            inputs get them flattened, and reduced to 1,024 values by a seeded random projection
+            when wider.
 
     Example:
         >>> from lightning.pytorch import Trainer
