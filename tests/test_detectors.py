@@ -73,7 +73,7 @@ def digits_signals(poison, seed):
 def test_input_spectral_signatures_find_every_stamped_digit_and_no_clean_one(seed):
     signals, mask = digits_signals(BackdoorTrigger(target=0, rate=0.1, seed=seed), seed)
     detection = InputSpectralSignatures()(signals)
-    assert torch.equal(detection.flags, mask), "on seed 7 one triggered sample passes for a 0 in the features"
+    assert torch.equal(detection.flags, mask), "every stamped digit, seed 7's included, whose features pass for a 0"
     clean, _ = digits_signals(None, seed)
     assert not InputSpectralSignatures()(clean).flags.any()
 

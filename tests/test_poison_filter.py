@@ -15,7 +15,7 @@ from robust_lightning.callbacks import PoisonFilter
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
 from robust_lightning.callbacks.poison_filter import MAX_INPUT_DIMS
 from robust_lightning.data import DigitsDataModule
-from robust_lightning.detectors import InputSpectralSignatures
+from robust_lightning.detectors import Ensemble, InputSpectralSignatures, KNNLabelConsistency
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import BackdoorTrigger, PairFlip
 
@@ -464,5 +464,16 @@ def test_wide_inputs_are_projected_and_the_stamped_ones_still_found(tmp_path):
         dirpath=tmp_path,
     )
     Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(in_channels=3), datamodule=data)
-    assert filter_._input_projection().shape == (3 * 32 * 32, MAX_INPUT_DIMS)
+    (projection,) = filter_._tap._projections.values()
+    assert projection.shape == (3 * 32 * 32, MAX_INPUT_DIMS)
     assert torch.equal(filter_.flags, data.poison_mask)
+
+
+def test_an_ensemble_that_holds_the_input_detector_gets_the_inputs(tmp_path):
+    seed_everything(0)
+    drill = BackdoorTrigger(target=0, rate=0.1, seed=0)
+    data = RobustDataModule(DigitsDataModule(), poison=drill)
+    detectors = [Ensemble([InputSpectralSignatures(), KNNLabelConsistency()], rule="any")]
+    filter_ = PoisonFilter(detectors=detectors, start_epoch=1, every_n_epochs=0, action="report", dirpath=tmp_path)
+    Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(), datamodule=data)
+    assert filter_.flags[data.poison_mask].all(), "the reporting round uses the detectors, inputs included"

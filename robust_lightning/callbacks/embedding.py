@@ -91,6 +91,25 @@ class FeatureTap:
         self.captured: dict[str, Tensor] = {}
         self.recording = False
         self._handles: list[Any] = []
+        self._projections: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def _flat_inputs(self, inputs: Any, max_dims: int | None) -> Tensor:
+        if not isinstance(inputs, Tensor):
+            raise TypeError(
+                f"{self.owner} reads the inputs of each batch, which must be one tensor, got {type(inputs).__name__}. "
+                "For PoisonFilter, pass screen=[...] and detectors=[...] without 'input_spectral'."
+            )
+        flat = inputs.detach().flatten(1).float()
+        width = flat.shape[1]
+        if max_dims is None or width <= max_dims:
+            return flat.cpu()
+        key = (width, max_dims, flat.device)
+        if key not in self._projections:
+            # Johnson-Lindenstrauss: a Gaussian projection keeps distances, so spectral scores survive it.
+            generator = torch.Generator().manual_seed(0)
+            matrix = torch.randn(width, max_dims, generator=generator) / max_dims**0.5
+            self._projections[key] = matrix.to(flat.device)
+        return (flat @ self._projections[key]).cpu()
 
     def attach(self, pl_module: nn.Module) -> None:
         self.detach()
@@ -146,14 +165,15 @@ class FeatureTap:
         with_ids: bool = False,
         gather: bool = True,
         with_inputs: bool = False,
-        input_projection: Tensor | None = None,
+        max_input_dims: int | None = None,
     ) -> dict[str, Tensor]:
         """Features, logits and labels of every batch in eval mode, gathered from all ranks.
 
         With ``with_ids`` each batch is ``(batch, ids)`` and the ids are returned too. With
         ``gather=False`` each rank keeps its own rows, for batches every rank reads whole. With
-        ``with_inputs`` the inputs come back too, flattened to one row per sample and, given an
-        ``input_projection``, multiplied by it batch by batch.
+        ``with_inputs`` the inputs come back too, flattened to one row per sample; rows wider than
+        ``max_input_dims`` are reduced on their device by a seeded Gaussian projection, the same
+        for a given width on every rank and call.
         """
         was_training = pl_module.training
         pl_module.eval()
@@ -167,8 +187,7 @@ class FeatureTap:
                 batch = as_training_batch(trainer, batch)
                 inputs = get_field(batch, resolve_key(batch, input_key, "input"))
                 if with_inputs:
-                    flat = inputs.detach().flatten(1).float().cpu()
-                    rows["inputs"].append(flat if input_projection is None else flat @ input_projection)
+                    rows["inputs"].append(self._flat_inputs(inputs, max_input_dims))
                 self.start()
                 with precision.forward_context():
                     pl_module(inputs)  # converted to the precision's dtype with the batch

@@ -447,8 +447,8 @@ class PoisonFilter(Callback):
         }
 
     def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
-        needs_inputs = any(getattr(d, "needs_inputs", False) for d in (*self.screen.values(), *self.detectors.values()))
-        projection = self._input_projection() if needs_inputs else None
+        this_round = self.screen if self._initial is not None else self.detectors
+        needs_inputs = any(getattr(detector, "needs_inputs", False) for detector in this_round.values())
         return self._tap.embed(
             trainer,
             pl_module,
@@ -457,17 +457,8 @@ class PoisonFilter(Callback):
             self.target_key,
             with_ids,
             with_inputs=needs_inputs,
-            input_projection=projection,
+            max_input_dims=MAX_INPUT_DIMS,
         )
-
-    def _input_projection(self) -> Tensor | None:
-        """None for inputs of at most MAX_INPUT_DIMS values, else the same seeded projection on every rank."""
-        sample = self._data.training_sample(0)
-        width = torch.as_tensor(get_field(sample, resolve_key(sample, self.input_key, "input"))).numel()
-        if width <= MAX_INPUT_DIMS:
-            return None
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(width, MAX_INPUT_DIMS, generator=generator) / MAX_INPUT_DIMS**0.5
 
     def _key(self, batch: Any, role: str) -> Key:
         return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)

@@ -62,5 +62,13 @@ class Ensemble:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
         self.detectors, self.rule = list(detectors), rule
 
+    @property
+    def needs_reference(self) -> bool:
+        return any(getattr(detector, "needs_reference", False) for detector in self.detectors)
+
+    @property
+    def needs_inputs(self) -> bool:
+        return any(getattr(detector, "needs_inputs", False) for detector in self.detectors)
+
     def __call__(self, signals: Signals) -> Detection:
         return combine([detector(signals) for detector in self.detectors], self.rule)

@@ -136,7 +136,9 @@ class InputSpectralSignatures:
     - flipped labels score lower, and are left to the feature detectors.
 
     A trigger blended into the whole image, or one placed where the class's own inputs already
-    vary, scores lower.
+    vary, scores lower. So do training augmentations: the filter reads the training inputs as
+    training sees them, and a random crop or flip moves the patch and widens the class's spread.
+    Measure on your data.
 
     Args:
         z: threshold in trusted standard deviations. Default 8.
