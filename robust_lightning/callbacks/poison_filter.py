@@ -41,6 +41,7 @@ from robust_lightning.detectors import (
     exclusionary_reclassification,
     margins_of,
 )
+from robust_lightning.detectors.base import any_needs
 from robust_lightning.detectors.combine import RULES
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ RESTARTS = ("head", "model", None)
 # bring a backdoor back (docs/filtering.md, "On seeds it was not tuned on").
 DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreement=0.2), InputSpectralSignatures())
 DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=2), InputSpectralSignatures())
-# Wider inputs are reduced by a seeded Gaussian projection, which keeps their distances (Johnson-Lindenstrauss).
+# Inputs wider than this reach the input detectors projected (FeatureTap.embed).
 MAX_INPUT_DIMS = 1024
 
 
@@ -355,10 +356,7 @@ class PoisonFilter(Callback):
 
     def _detect(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         signals = self._signals(trainer, pl_module)
-        screening = self._initial is not None
-        detections = {
-            name: detector(signals) for name, detector in (self.screen if screening else self.detectors).items()
-        }
+        detections = {name: detector(signals) for name, detector in self._round_detectors.items()}
         combined = combine(list(detections.values()), self.rule)
         if self.restarted and self.action == "exclude":
             # Their labels never trained the restarted head (the features saw them before the screen, and
@@ -447,8 +445,7 @@ class PoisonFilter(Callback):
         }
 
     def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
-        this_round = self.screen if self._initial is not None else self.detectors
-        needs_inputs = any(getattr(detector, "needs_inputs", False) for detector in this_round.values())
+        needs_inputs = any_needs(self._round_detectors.values(), "needs_inputs")
         return self._tap.embed(
             trainer,
             pl_module,
@@ -462,6 +459,11 @@ class PoisonFilter(Callback):
 
     def _key(self, batch: Any, role: str) -> Key:
         return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)
+
+    @property
+    def _round_detectors(self) -> dict[str, Detector]:
+        """The screen until the restart, the confirming detectors after it (and every round without one)."""
+        return self.screen if self._initial is not None else self.detectors
 
     # ---------------------------------------------------------------- reports
     @property

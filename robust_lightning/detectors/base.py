@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -54,6 +54,15 @@ class Detector(Protocol):
     """Anything that maps :class:`Signals` to a :class:`Detection`."""
 
     def __call__(self, signals: Signals) -> Detection: ...
+
+
+def any_needs(detectors: Iterable[Any], flag: str) -> bool:
+    """Whether any detector declares ``flag`` (``"needs_reference"``, ``"needs_inputs"``) true.
+
+    >>> any_needs([object()], "needs_inputs")
+    False
+    """
+    return any(getattr(detector, flag, False) for detector in detectors)
 
 
 def margins_of(logits: Tensor, labels: Tensor) -> Tensor:

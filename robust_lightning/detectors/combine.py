@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from robust_lightning.detectors.base import Detection, Detector, Signals
+from robust_lightning.detectors.base import Detection, Detector, Signals, any_needs
 
 RULES = ("any", "majority", "all")
 
@@ -64,11 +64,11 @@ class Ensemble:
 
     @property
     def needs_reference(self) -> bool:
-        return any(getattr(detector, "needs_reference", False) for detector in self.detectors)
+        return any_needs(self.detectors, "needs_reference")
 
     @property
     def needs_inputs(self) -> bool:
-        return any(getattr(detector, "needs_inputs", False) for detector in self.detectors)
+        return any_needs(self.detectors, "needs_inputs")
 
     def __call__(self, signals: Signals) -> Detection:
         return combine([detector(signals) for detector in self.detectors], self.rule)
