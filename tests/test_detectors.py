@@ -18,6 +18,7 @@ from robust_lightning.detectors import (
     SpectralSignatures,
     area_under_margin,
     combine,
+    exclusionary_reclassification,
     knn_label_consistency,
     margins_of,
     spectral_signatures,
@@ -119,6 +120,17 @@ def test_area_under_margin_flags_negative_means_and_ignores_unseen_samples():
         False,
         True,
     ]
+
+
+def test_reclassification_keeps_out_labels_below_chance_and_only_held_out_ones():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(500, 2, generator=g) * 3, torch.randint(0, 2, (500,), generator=g)
+    held_out = torch.rand(500, generator=g) < 0.5
+    two = exclusionary_reclassification(logits, labels, held_out).flags
+    assert torch.equal(two, held_out & (logits.argmax(1) != labels))  # two classes: chance is the argmax rule
+    ten = torch.log(torch.tensor([[0.55, 0.3] + [0.15 / 8] * 8, [0.95, 0.05 / 9] + [0.05 / 9] * 8]))
+    flags = exclusionary_reclassification(ten, torch.tensor([1, 1]), torch.tensor([True, True])).flags
+    assert flags.tolist() == [False, True]  # 0.3 of 10 classes is above chance although not the answer
 
 
 def test_combine_rules():

