@@ -97,3 +97,24 @@ def test_the_per_class_plot_keeps_every_class_in_its_legend(tmp_path):
     finally:
         plots.Figure.savefig = original
     assert seen == ["_background", "$cat", "macro"]
+
+
+def test_log_scale_plots_label_their_ticks_in_plain_numbers(tmp_path, monkeypatch):
+    import numpy as np
+
+    from robust_lightning.report import plots
+
+    labels = []
+    original = plots.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        result = original(figure, *args, **kwargs)  # drawn: the tick labels have their text
+        labels.extend(label.get_text() for axes in figure.axes for label in axes.get_yticklabels())
+        return result
+
+    monkeypatch.setattr(plots.Figure, "savefig", spy)
+    scores = np.linspace(0, 1, 200)
+    plots.score_histogram(scores, scores > 0.9, scores > 0.8, tmp_path / "scores.png")
+    history = [{"name": "val", "epoch": e, "tests": {"ks": (0.1, 10.0**-e)}} for e in range(4)]
+    plots.drift_statistics(history, 0.05, tmp_path / "drift.png")
+    assert labels and not [label for label in labels if "$" in label or "mathdefault" in label]

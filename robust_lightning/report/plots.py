@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps, rc_context
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 _DPI = 110
 
@@ -27,6 +29,13 @@ def _literal_text(draw: Callable[..., Path]) -> Callable[..., Path]:
             return draw(*args, **kwargs)
 
     return drawn
+
+
+def _log_y(axes: Axes) -> None:
+    """A log-scale y axis labelled in plain numbers (10, 1e-04): matplotlib's default log labels are
+    mathtext, which :func:`_literal_text` turns off, and would show as ``$\\mathdefault{10^{1}}$``."""
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(LogFormatter())
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -102,7 +111,8 @@ def score_histogram(scores: np.ndarray, poisoned: np.ndarray | None, flagged: np
         axes.hist(scores[poisoned], bins=bins, color="tab:red", alpha=0.7, label="poisoned (ground truth)")
     if flagged.any():
         axes.axvline(scores[flagged].min(), color="black", linestyle="--", label="lowest flagged score")
-    axes.set(xlabel="suspicion score", ylabel="training samples", title="PoisonFilter scores", yscale="log")
+    axes.set(xlabel="suspicion score", ylabel="training samples", title="PoisonFilter scores")
+    _log_y(axes)
     axes.legend(fontsize=8)
     return _save(figure, path)
 
@@ -155,7 +165,8 @@ def drift_statistics(history: Sequence[dict[str, Any]], alpha: float, path: Path
             p_values = [max(record["tests"][test][1], 1e-300) for record in records]
             axes.plot(epochs, p_values, marker="o", markersize=3, label=test)
         axes.axhline(alpha / len(records[0]["tests"]), color="red", linestyle="--", label="flag threshold")
-        axes.set(yscale="log", ylabel="p-value", title=f"Drift tests on {name!r}")
+        axes.set(ylabel="p-value", title=f"Drift tests on {name!r}")
+        _log_y(axes)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=3)
     figure.axes[-1].set_xlabel("epoch")
