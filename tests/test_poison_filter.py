@@ -452,29 +452,30 @@ class WideDigits(DigitsDataModule):
                 setattr(self, name, torch.utils.data.TensorDataset(wide, y))
 
 
-def test_wide_inputs_are_projected_and_the_stamped_ones_still_found(tmp_path):
+def report_round(tmp_path, datamodule, in_channels=1, patch=2, **detectors):
+    """One epoch on the BadNets drill (seed 0), then one reporting round of PoisonFilter with ``detectors``."""
     seed_everything(0)
-    drill = BackdoorTrigger(target=0, rate=0.1, size=8, seed=0)
-    data = RobustDataModule(WideDigits(), poison=drill)
-    filter_ = PoisonFilter(
+    data = RobustDataModule(datamodule, poison=BackdoorTrigger(target=0, rate=0.1, size=patch, seed=0))
+    filter_ = PoisonFilter(**detectors, start_epoch=1, every_n_epochs=0, action="report", dirpath=tmp_path)
+    Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(in_channels=in_channels), datamodule=data)
+    return filter_, data
+
+
+def test_wide_inputs_are_projected_and_the_stamped_ones_still_found(tmp_path):
+    filter_, data = report_round(
+        tmp_path,
+        WideDigits(),
+        in_channels=3,
+        patch=8,
         detectors=[InputSpectralSignatures()],
         screen=[InputSpectralSignatures()],
-        start_epoch=1,
-        every_n_epochs=0,
-        action="report",
-        dirpath=tmp_path,
     )
-    Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(in_channels=3), datamodule=data)
     (projection,) = filter_._tap._projections.values()
     assert projection.shape == (3 * 32 * 32, MAX_INPUT_DIMS)
     assert torch.equal(filter_.flags, data.poison_mask)
 
 
 def test_an_ensemble_that_holds_the_input_detector_gets_the_inputs(tmp_path):
-    seed_everything(0)
-    drill = BackdoorTrigger(target=0, rate=0.1, seed=0)
-    data = RobustDataModule(DigitsDataModule(), poison=drill)
     detectors = [Ensemble([InputSpectralSignatures(), KNNLabelConsistency()], rule="any")]
-    filter_ = PoisonFilter(detectors=detectors, start_epoch=1, every_n_epochs=0, action="report", dirpath=tmp_path)
-    Trainer(**trainer_kwargs(max_epochs=1), callbacks=[filter_]).fit(SmallCNN(), datamodule=data)
+    filter_, data = report_round(tmp_path, DigitsDataModule(), detectors=detectors)
     assert filter_.flags[data.poison_mask].all(), "the reporting round uses the detectors, inputs included"
