@@ -14,12 +14,14 @@ from robust_lightning.detectors import (
     Ensemble,
     InputSpectralSignatures,
     KNNLabelConsistency,
+    LinearProbe,
     Signals,
     SpectralSignatures,
     area_under_margin,
     combine,
     exclusionary_reclassification,
     knn_label_consistency,
+    linear_probe,
     margins_of,
     spectral_signatures,
 )
@@ -111,6 +113,48 @@ def test_knn_label_consistency_matches_sklearn_neighbours():
     assert detection.flags.tolist() == [share < 0.4 for share in shares]
 
 
+def ridge_fit(x, y, ridge):
+    """An independent ridge fit: standardized features, unpenalized bias, solved by least squares."""
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    penalty = torch.diag(torch.tensor([ridge**0.5] * (x.shape[1] - 1) + [0.0], dtype=x.dtype))
+    stacked = torch.cat([x, penalty]), torch.cat([y, torch.zeros(x.shape[1], y.shape[1], dtype=x.dtype)])
+    return torch.linalg.lstsq(*stacked).solution
+
+
+def test_the_probe_scores_each_sample_by_a_probe_refitted_without_it():
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(60, 4, generator=g).double(), torch.randint(0, 3, (60,), generator=g)
+    excluded = torch.zeros(60, dtype=torch.bool)
+    excluded[50:] = True
+    scores = linear_probe(x, labels, 3, excluded, ridge=2.0)
+    kept = (~excluded).nonzero().flatten()
+    mean, std = x[kept].mean(0), x[kept].std(0)  # the probe standardizes by the samples it learns from
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+    for i in (0, 17, 49):
+        rest = kept[kept != i]
+        weights = ridge_fit((x[rest] - mean) / std, onehot[rest], 2.0)
+        expected = torch.cat([(x[i] - mean) / std, torch.ones(1, dtype=x.dtype)]) @ weights
+        assert scores[i].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    weights = ridge_fit((x[kept] - mean) / std, onehot[kept], 2.0)  # excluded samples: the probe on all the kept
+    expected = torch.cat([(x[55:56] - mean) / std, torch.ones(1, 1, dtype=x.dtype)], 1) @ weights
+    assert scores[55].tolist() == pytest.approx(expected[0].tolist(), abs=1e-5)
+
+
+def test_the_probe_flags_a_flipped_group_and_learns_nothing_from_excluded_labels():
+    x = torch.cat([blobs(0, clean=60, odd=0, dim=4) - 3, blobs(1, clean=60, odd=0, dim=4) + 3])
+    labels = torch.cat([torch.zeros(60), torch.ones(60)]).long()
+    labels[:20] = 1  # a flipped group: a third of the first class is labelled as the other
+    assert LinearProbe()(Signals(labels, 2, features=x)).flags[:20].all()
+    excluded = torch.zeros(120, dtype=torch.bool)
+    excluded[:20] = True
+    flags = LinearProbe()(Signals(labels, 2, features=x, excluded=excluded)).flags
+    assert flags[:20].all() and not flags[20:].any(), "the excluded flips neither teach the probe nor escape it"
+    relabelled = labels.clone()
+    relabelled[:20] = 0  # what the excluded samples say cannot change what the probe learns
+    again = linear_probe(x, relabelled, 2, excluded)
+    assert torch.allclose(again[20:], linear_probe(x, labels, 2, excluded)[20:])
+
+
 def test_area_under_margin_flags_negative_means_and_ignores_unseen_samples():
     margins = torch.tensor([1.0, -0.1, float("nan"), 0.0])
     assert area_under_margin(margins).flags.tolist() == [False, True, False, False]
@@ -155,6 +199,7 @@ def test_every_registered_detector_is_named_after_its_key():
         (lambda: SpectralSignatures(expected_fraction=0), "expected_fraction"),
         (lambda: KNNLabelConsistency(k=0), "k must be a positive integer"),
         (lambda: KNNLabelConsistency(agreement=1.5), "agreement"),
+        (lambda: LinearProbe(ridge=0), "ridge must be a positive"),
         (lambda: ActivationClustering(size_threshold=0.9), "size_threshold"),
         (lambda: Ensemble([], "any"), "at least one"),
         (lambda: Ensemble([AreaUnderMargin()], "most"), "rule must be one of"),

@@ -33,7 +33,7 @@ from robust_lightning.detectors import (
     Detector,
     InputSpectralSignatures,
     KNNLabelConsistency,
-    ReferenceKNN,
+    LinearProbe,
     Signals,
     SpectralSignatures,
     combine,
@@ -52,7 +52,9 @@ RESTARTS = ("head", "model", None)
 # Both look for triggers in the inputs too: one triggered sample whose features pass is enough to
 # bring a backdoor back (docs/filtering.md, "On seeds it was not tuned on").
 DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreement=0.2), InputSpectralSignatures())
-DEFAULT_SCREEN = (SpectralSignatures(z=2.0), ReferenceKNN(k=2), InputSpectralSignatures())
+# The screen judges labels out of sample (LinearProbe): the screen before it held out two to three times as
+# many clean samples for the ten epochs after the restart (docs/filtering.md, "What changed: the screen").
+DEFAULT_SCREEN = (LinearProbe(ridge=10.0), SpectralSignatures(z=3.0), InputSpectralSignatures())
 # Inputs wider than this reach the input detectors projected (FeatureTap.embed).
 MAX_INPUT_DIMS = 1024
 
@@ -143,11 +145,11 @@ class PoisonFilter(Callback):
             module's loss state, the callbacks' state that follows the model, and every optimizer's
             running state.
         screen: the detectors of the round that restarts the model. The default errs toward
-            flagging: spectral signatures at 2 trusted standard deviations,
-            :class:`~robust_lightning.detectors.ReferenceKNN` with ``k=2``, and
-            :class:`~robust_lightning.detectors.InputSpectralSignatures`. Detectors that read the
-            inputs get them flattened, and reduced to 1,024 values by a seeded random projection
-            when wider.
+            flagging: :class:`~robust_lightning.detectors.LinearProbe` (a label that a linear probe
+            on the features, fitted without the sample, rejects), spectral signatures at 3 trusted
+            standard deviations, and :class:`~robust_lightning.detectors.InputSpectralSignatures`.
+            Detectors that read the inputs get them flattened, and reduced to 1,024 values by a
+            seeded random projection when wider.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -432,6 +434,7 @@ class PoisonFilter(Callback):
             reference_labels=reference.get("labels"),
             inputs=train["inputs"][order] if "inputs" in train else None,
             reference_inputs=reference.get("inputs"),
+            excluded=self._data.excluded,
         )
 
     def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from robust_lightning.detectors.combine import Ensemble, combine
 from robust_lightning.detectors.duplicates import NearDuplicates, near_duplicates
 from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
 from robust_lightning.detectors.knn import KNNLabelConsistency, ReferenceKNN, knn_label_consistency, reference_knn
+from robust_lightning.detectors.probe import LinearProbe, linear_probe
 from robust_lightning.detectors.spectral import (
     InputSpectralSignatures,
     SpectralSignatures,
@@ -25,6 +26,7 @@ DETECTORS = {
         ActivationClustering,
         KNNLabelConsistency,
         ReferenceKNN,
+        LinearProbe,
         AreaUnderMargin,
         NearDuplicates,
     )
@@ -39,6 +41,7 @@ __all__ = [
     "Ensemble",
     "InputSpectralSignatures",
     "KNNLabelConsistency",
+    "LinearProbe",
     "NearDuplicates",
     "ReferenceKNN",
     "Signals",
@@ -49,6 +52,7 @@ __all__ = [
     "detection_quality",
     "exclusionary_reclassification",
     "knn_label_consistency",
+    "linear_probe",
     "margins_of",
     "near_duplicates",
     "reference_knn",

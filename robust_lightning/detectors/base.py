@@ -32,6 +32,9 @@ class Signals:
         reference_labels: their labels, ``(M,)``.
         inputs: the inputs, one flattened row per sample, ``(N, P)``.
         reference_inputs: the trusted samples' inputs, ``(M, P)``.
+        excluded: the samples excluded from training when the signals were read, ``(N,)`` bool; a
+            detector that learns from the labels (:class:`~robust_lightning.detectors.LinearProbe`)
+            learns from the others only.
     """
 
     labels: Tensor
@@ -43,6 +46,7 @@ class Signals:
     reference_labels: Tensor | None = None
     inputs: Tensor | None = None
     reference_inputs: Tensor | None = None
+    excluded: Tensor | None = None
 
     def need(self, *names: str, by: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]
