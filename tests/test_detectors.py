@@ -200,6 +200,8 @@ def test_every_registered_detector_is_named_after_its_key():
         (lambda: KNNLabelConsistency(k=0), "k must be a positive integer"),
         (lambda: KNNLabelConsistency(agreement=1.5), "agreement"),
         (lambda: LinearProbe(ridge=0), "ridge must be a positive"),
+        (lambda: linear_probe(torch.tensor([[float("nan")], [1.0]]), torch.tensor([0, 1]), 2), "NaN or inf"),
+        (lambda: linear_probe(torch.eye(3), torch.arange(3), 3, torch.tensor([True, True, False])), "two samples"),
         (lambda: ActivationClustering(size_threshold=0.9), "size_threshold"),
         (lambda: Ensemble([], "any"), "at least one"),
         (lambda: Ensemble([AreaUnderMargin()], "most"), "rule must be one of"),

@@ -36,7 +36,10 @@ def linear_probe(
     [0]
     """
     check_positive("ridge", ridge)
-    kept = torch.ones(len(labels), dtype=torch.bool, device=labels.device) if excluded is None else ~excluded
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("linear_probe got features with NaN or inf values; check the model's outputs.")
+    labels = labels.to(features.device)
+    kept = torch.ones_like(labels, dtype=torch.bool) if excluded is None else ~excluded.to(features.device)
     if int(kept.sum()) < 2:
         raise ValueError("linear_probe needs at least two samples that are not excluded to learn from.")
     x = features.double()
