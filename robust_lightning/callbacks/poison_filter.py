@@ -52,8 +52,9 @@ RESTARTS = ("head", "model", None)
 # Both look for triggers in the inputs too: one triggered sample whose features pass is enough to
 # bring a backdoor back (docs/filtering.md, "On seeds it was not tuned on").
 DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreement=0.2), InputSpectralSignatures())
-# The screen judges labels out of sample (LinearProbe): the screen before it held out two to three times as
-# many clean samples for the ten epochs after the restart (docs/filtering.md, "What changed: the screen").
+# The screen judges labels out of sample (LinearProbe): the screen before it held out up to three times as many
+# clean samples for the ten epochs after the restart (docs/filtering.md, "What changed: the screen judges labels
+# out of sample").
 DEFAULT_SCREEN = (LinearProbe(ridge=10.0), SpectralSignatures(z=3.0), InputSpectralSignatures())
 # Inputs wider than this reach the input detectors projected (FeatureTap.embed).
 MAX_INPUT_DIMS = 1024

@@ -53,9 +53,8 @@ def linear_probe(
     leverage = torch.cat(
         [torch.linalg.solve_triangular(factor, rows.T, upper=False).pow(2).sum(0) for rows in x.split(CHUNK)]
     )
-    held_in = kept[:, None]
     left_out = (fitted - leverage[:, None] * y) / (1 - leverage[:, None]).clamp_min(1e-12)
-    return torch.where(held_in, left_out, fitted).float()
+    return torch.where(kept[:, None], left_out, fitted).float()
 
 
 class LinearProbe:
