@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import StructuredDigits, split_batch, trainer_kwargs
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
-from robust_lightning.callbacks.poison_filter import MAX_INPUT_DIMS
+from robust_lightning.callbacks.signals import MAX_INPUT_DIMS
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.detectors import Ensemble, InputSpectralSignatures, KNNLabelConsistency
 from robust_lightning.models import SmallCNN
@@ -239,7 +240,7 @@ def test_a_resumed_run_gets_the_filter_state_and_the_extension_back(tmp_path):
     again.fit(SmallCNN(), datamodule=data2, ckpt_path=tmp_path / "done.ckpt")
     assert again.current_epoch == 5, "the extension is part of the resumed run too: nothing left to train"
     assert torch.equal(resumed.flags, filter_.flags) and resumed.rounds == filter_.rounds
-    assert resumed.extended_by == 2 and torch.equal(resumed._margin_sum, filter_._margin_sum)
+    assert resumed.extended_by == 2 and torch.equal(resumed._signals.margin_sum, filter_._signals.margin_sum)
     assert torch.equal(data2.excluded, data.excluded)
 
 
@@ -295,6 +296,41 @@ def test_ddp_ranks_take_the_same_decision_from_gathered_statistics(tmp_path):
     assert len((tmp_path / "flagged.csv").read_text().splitlines()) == 1 + len(ranks[0]["flags"])
 
 
+class Blobs(LightningDataModule):
+    """100k synthetic samples of 64 values in 10 classes, with a trusted validation split."""
+
+    num_classes = 10
+
+    def setup(self, stage: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        centres = torch.randn(10, 64, generator=g)
+        labels = torch.randint(0, 10, (102_000,), generator=g)
+        inputs = centres[labels] + torch.randn(102_000, 64, generator=g)
+        self.train_set = TensorDataset(inputs[:100_000], labels[:100_000])
+        self.val_set = TensorDataset(inputs[100_000:], labels[100_000:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=500, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=1000)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_take_the_same_decision_at_100k_samples(tmp_path):
+    """Each rank reads its share of the signals, and one sum per buffer makes them whole and identical everywhere."""
+    filter_ = PoisonFilter(start_epoch=1, every_n_epochs=0, restart=None)
+    data = RobustDataModule(Blobs(), poison=PairFlip(FLIPS, rate=0.4), validate=False)
+    trainer = Trainer(
+        **trainer_kwargs(max_epochs=1, devices=2, strategy="ddp_spawn", default_root_dir=tmp_path),
+        callbacks=[filter_, DumpFilter(str(tmp_path))],
+    )
+    trainer.fit(DictClassifier(), datamodule=data)
+    ranks = [json.loads((tmp_path / f"filter{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["flags"] == ranks[0]["excluded"] and ranks[0]["rounds"][-1]["recall"] > 0.9, ranks[0]["rounds"]
+
+
 @pytest.mark.parametrize(
     "loss",
     [
@@ -342,15 +378,38 @@ def test_low_precision_runs_the_inspection_pass_under_the_trainers_precision(tmp
     assert len(filter_.rounds) == 2 and filter_.flags.any()
 
 
-def test_without_a_trusted_split_the_default_filter_stops_before_training():
-    data = RobustDataModule(StructuredDigits())
-    with pytest.raises(ValueError, match="no val_dataloader, or limit_val_batches=0"):
-        Trainer(**trainer_kwargs(limit_val_batches=0, callbacks=[PoisonFilter()])).fit(
-            DictClassifier(), datamodule=data
-        )
+class TrainOnly(StructuredDigits):
+    """A user datamodule with no validation split."""
+
+    val_dataloader = None
+
+
+class NoValidationStep(DictClassifier):
+    """A user module that does not validate: common, and the filter still reads the validation split."""
+
+    validation_step = None
+
+
+def test_without_a_val_dataloader_the_default_filter_stops_at_setup():
+    trainer = Trainer(**trainer_kwargs(max_epochs=3, callbacks=[PoisonFilter()]))
+    with pytest.raises(ValueError, match="has no val_dataloader"):
+        trainer.fit(DictClassifier(), datamodule=RobustDataModule(TrainOnly(structure="dict")))
+    assert trainer.current_epoch == 0, "refused at setup, before any epoch trained"
     filter_ = PoisonFilter(screen=["spectral", "knn"], detectors=["spectral", "knn"], start_epoch=1, every_n_epochs=0)
-    Trainer(**trainer_kwargs(limit_val_batches=0, callbacks=[filter_])).fit(DictClassifier(), datamodule=data)
+    Trainer(**trainer_kwargs(callbacks=[filter_])).fit(DictClassifier(), datamodule=RobustDataModule(TrainOnly()))
     assert filter_.rounds
+
+
+@pytest.mark.parametrize("module", [NoValidationStep, DictClassifier], ids=["no validation_step", "validates"])
+def test_the_default_filter_reads_the_validation_split_itself(module, tmp_path):
+    """Dict batches, and a module with no validation_step or with validation turned off: the reference is the datamodule's."""
+    poison = PairFlip({4: 8, 8: 4}, rate=0.4)
+    data = RobustDataModule(StructuredDigits(structure="dict"), poison=poison)
+    filter_ = PoisonFilter(start_epoch=3, every_n_epochs=0, dirpath=tmp_path)
+    seed_everything(0)
+    Trainer(**trainer_kwargs(max_epochs=6, limit_val_batches=0, callbacks=[filter_])).fit(module(), datamodule=data)
+    assert [r["epoch"] for r in filter_.rounds] == [3, 6]
+    assert filter_.rounds[0]["recall"] >= 0.8, filter_.rounds
 
 
 def test_a_forward_that_returns_no_logits_gets_a_clear_error(tmp_path):
@@ -470,7 +529,7 @@ def test_wide_inputs_are_projected_and_the_stamped_ones_still_found(tmp_path):
         detectors=[InputSpectralSignatures()],
         screen=[InputSpectralSignatures()],
     )
-    (projection,) = filter_._tap._projections.values()
+    (projection,) = filter_._signals.tap._projections.values()
     assert projection.shape == (3 * 32 * 32, MAX_INPUT_DIMS)
     assert torch.equal(filter_.flags, data.poison_mask)
 

@@ -93,7 +93,8 @@ class FeatureTap:
         self._handles: list[Any] = []
         self._projections: dict[tuple[int, int, torch.device], Tensor] = {}
 
-    def _flat_inputs(self, inputs: Any, max_dims: int | None) -> Tensor:
+    def flat_inputs(self, inputs: Any, max_dims: int | None) -> Tensor:
+        """The inputs as one row per sample on the CPU, reduced to ``max_dims`` values by a seeded projection when wider."""
         if not isinstance(inputs, Tensor):
             raise TypeError(
                 f"{self.owner} reads the inputs of each batch, which must be one tensor, got {type(inputs).__name__}. "
@@ -155,6 +156,16 @@ class FeatureTap:
             )
 
     @torch.no_grad()
+    def forward(self, trainer: Trainer, pl_module: LightningModule, inputs: Any) -> dict[str, Tensor]:
+        """Features and logits of one forward pass over ``inputs`` under the trainer's precision, on the CPU."""
+        self.start()
+        with trainer.precision_plugin.forward_context():
+            pl_module(inputs)  # converted to the precision's dtype with the batch
+        self.stop()
+        self.check(pl_module)
+        return {"features": self.captured["features"].float().cpu(), "logits": self.captured["logits"].float().cpu()}
+
+    @torch.no_grad()
     def embed(
         self,
         trainer: Trainer,
@@ -178,7 +189,6 @@ class FeatureTap:
         was_training = pl_module.training
         pl_module.eval()
         rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "labels": [], "ids": [], "inputs": []}
-        precision = trainer.precision_plugin
         try:
             for batch in batches:
                 if with_ids:
@@ -187,14 +197,9 @@ class FeatureTap:
                 batch = as_training_batch(trainer, batch)
                 inputs = get_field(batch, resolve_key(batch, input_key, "input"))
                 if with_inputs:
-                    rows["inputs"].append(self._flat_inputs(inputs, max_input_dims))
-                self.start()
-                with precision.forward_context():
-                    pl_module(inputs)  # converted to the precision's dtype with the batch
-                self.stop()
-                self.check(pl_module)
-                rows["features"].append(self.captured["features"].float().cpu())
-                rows["logits"].append(self.captured["logits"].float().cpu())
+                    rows["inputs"].append(self.flat_inputs(inputs, max_input_dims))
+                for key, values in self.forward(trainer, pl_module, inputs).items():
+                    rows[key].append(values)
                 labels = get_field(batch, resolve_key(batch, target_key, "target"))
                 rows["labels"].append(torch.as_tensor(labels).long().cpu())
         finally:

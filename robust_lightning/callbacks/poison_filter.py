@@ -15,7 +15,7 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor
 
 from robust_lightning.callbacks.criterion_swap import CriterionSwap, Reweight
-from robust_lightning.callbacks.embedding import FeatureTap, classifier_head
+from robust_lightning.callbacks.embedding import classifier_head
 from robust_lightning.callbacks.restart import (
     announce_restart,
     head_state,
@@ -24,22 +24,19 @@ from robust_lightning.callbacks.restart import (
     restart_kind,
     training_state,
 )
-from robust_lightning.data.fields import Key, get_field, resolve_key
-from robust_lightning.data.loader import as_loader_list
+from robust_lightning.callbacks.signals import SignalCollector
+from robust_lightning.data.fields import Key
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.detectors import (
     DETECTORS,
-    Detection,
+    Decision,
     Detector,
     InputSpectralSignatures,
     KNNLabelConsistency,
     LinearProbe,
-    Signals,
     SpectralSignatures,
-    combine,
+    decide,
     detection_quality,
-    exclusionary_reclassification,
-    margins_of,
 )
 from robust_lightning.detectors.base import any_needs
 from robust_lightning.detectors.combine import RULES
@@ -56,8 +53,6 @@ DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreem
 # clean samples for the ten epochs after the restart (docs/filtering.md, "What changed: the screen judges labels
 # out of sample").
 DEFAULT_SCREEN = (LinearProbe(ridge=10.0), SpectralSignatures(z=3.0), InputSpectralSignatures())
-# Inputs wider than this reach the input detectors projected (FeatureTap.embed).
-MAX_INPUT_DIMS = 1024
 
 
 def build_detector(detector: str | Detector) -> tuple[str, Detector]:
@@ -77,10 +72,13 @@ class PoisonFilter(Callback):
     **Signals.** While the model trains, the margin of every sample's given label is recorded
     from the logits of its training step (for :class:`~robust_lightning.detectors.AreaUnderMargin`).
     At each round one inference pass, under the trainer's precision, reads the features and logits
-    of every training sample, excluded ones included, and of the validation split, which serves as
-    the trusted reference. Features come from a forward hook on the input of the model's
-    classifier head (see :func:`~robust_lightning.callbacks.embedding.head_input`: the pooled features of a CNN), or on the output of
-    ``layer``; logits are the output of ``forward``. No extra training run.
+    of every training sample, excluded ones included, and of the datamodule's validation split
+    (``val_dataloader()``, read by the filter itself, whether or not the module validates), which
+    serves as the trusted reference (:class:`~robust_lightning.callbacks.signals.SignalCollector`).
+    Features come from a forward hook on the input of the model's classifier head (see
+    :func:`~robust_lightning.callbacks.embedding.head_input`: the pooled features of a CNN), or on
+    the output of ``layer``; logits are the output of ``forward``. No extra training run. Every
+    detector costs time and memory linear in the number of samples (docs/scale.md).
 
     **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
     detectors, tuned for recall, flag suspects. A model keeps what it learned from them (a
@@ -122,8 +120,9 @@ class PoisonFilter(Callback):
     ``filter/precision``, ``filter/recall`` and ``filter/f1``. ``flagged.csv`` (id, label, score,
     detector) is written to ``dirpath`` (default: the logger's folder) after each round.
 
-    **DDP.** Features are gathered from every rank and rank 0's decision is broadcast, so every
-    rank excludes the same samples. The state (flags, margins, rounds, the initial weights until
+    **DDP.** Each rank reads its share of the training set; one sum over the ranks per signal
+    makes the signals whole on every rank, and rank 0's decision is broadcast, so every rank
+    excludes the same samples. The state (flags, margins, rounds, the initial weights until
     the restart, the extension) is kept in checkpoints; a new fit without ``ckpt_path`` starts afresh.
 
     Args:
@@ -209,7 +208,7 @@ class PoisonFilter(Callback):
                 "'model' the whole model with an extended run (what restart=True did), None nothing (restart=False)."
             )
         self.restart = restart
-        self._tap = FeatureTap("PoisonFilter", layer)
+        self._signals = SignalCollector("PoisonFilter", layer, input_key, target_key)
         self._trainer_training = False
         self._swap: CriterionSwap | None = None
         self._reweight: Reweight | None = None
@@ -221,12 +220,11 @@ class PoisonFilter(Callback):
         """Forget every earlier fit: a new run starts from nothing unless it resumes from a checkpoint."""
         self.flags: Tensor | None = None
         self.scores: Tensor | None = None
-        self.sources: list[str] = []
+        self.decision: Decision | None = None  # the last round's, with which detectors flagged each sample
         self.rounds: list[dict[str, Any]] = []
         self.extended_by = 0
         self._extended_steps = 0
-        self._margin_sum: Tensor | None = None
-        self._margin_count: Tensor | None = None
+        self._signals.margin_sum = self._signals.margin_count = None
         self._owned: Tensor | None = None  # the ids this filter excluded (others' exclusions are left alone)
         self._seen: Tensor | None = None  # ids trained on since the restart
         self._initial: dict[str, Any] | None = None
@@ -244,22 +242,26 @@ class PoisonFilter(Callback):
             return
         self._reset()  # a resumed run gets its state back after setup, from the checkpoint
         self._data = RobustDataModule.from_trainer(trainer, by="PoisonFilter")
-        self._check_reference(trainer)
-        self._tap.attach(pl_module)
+        self._check_reference()
+        self._signals.attach(pl_module, self._data)
         if self._restarts and self.restart == "head":
             _check_head(pl_module)
         if self.action == "weight":
             self._swap = CriterionSwap.of(pl_module, by="PoisonFilter(action='weight')")
             self._reweight = Reweight(self._swap, self._batch_weights)
 
-    def _check_reference(self, trainer: Trainer) -> None:
+    @property
+    def _has_reference(self) -> bool:
+        """Whether the datamodule has a validation split: the filter reads it itself, whether or not the module validates."""
+        return is_overridden("val_dataloader", self._data, LightningDataModule)
+
+    def _check_reference(self) -> None:
         """Detectors that compare with the trusted split need one: say so now, not after start_epoch epochs."""
         needing = [n for n, d in {**self.screen, **self.detectors}.items() if getattr(d, "needs_reference", False)]
-        has_val = is_overridden("val_dataloader", self._data, LightningDataModule) and trainer.limit_val_batches != 0
-        if needing and not has_val:
+        if needing and not self._has_reference:
             raise ValueError(
                 f"PoisonFilter's detectors {needing} compare training samples with the validation split, which the "
-                "filter treats as trusted, but this run has none (no val_dataloader, or limit_val_batches=0). Give "
+                "filter treats as trusted, but the datamodule has no val_dataloader. Give "
                 "your datamodule a val_dataloader of data you trust, or pass screen=[...] and detectors=[...] that "
                 "need no reference, e.g. PoisonFilter(screen=['spectral', 'knn'], detectors=['spectral', 'knn'])."
             )
@@ -269,10 +271,7 @@ class PoisonFilter(Callback):
         if self.flags is None:
             self.flags, self._owned, self._seen = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
             self.scores = torch.zeros(n)
-            self.sources = [""] * n
-        if self._margin_sum is None:
-            self._margin_sum, self._margin_count = torch.zeros(n), torch.zeros(n)
-        self._epoch_sum, self._epoch_count = torch.zeros(n), torch.zeros(n)
+        self._signals.start_margins(n)
         if self._restarts and self._initial is None and not self.restarted:
             self._initial = (
                 training_state(trainer, pl_module) if self.restart == "model" else head_state(trainer, pl_module)
@@ -301,29 +300,24 @@ class PoisonFilter(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._extension_applied = False
-        self._tap.detach()
+        self._signals.detach()
         if self._swap is not None:
             self._swap.remove(self._reweight)
 
     # ---------------------------------------------------------------- signals
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._tap.start()
+        self._signals.tap.start()
         self._trainer_training = True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._tap.stop()
+        self._signals.tap.stop()
         self._trainer_training = False
         ids = self._data.batch_ids
         if ids is not None:
             self._seen[ids] = True  # trained on, whether or not training_step went through forward
-        logits = self._tap.captured.get("logits")
-        if logits is None or ids is None or len(logits) != len(ids):
-            return  # a step whose last forward was not over this batch (e.g. an attack's): nothing to record
-        labels = torch.as_tensor(get_field(batch, self._key(batch, "target"))).long().to(logits.device)
-        self._epoch_sum.index_add_(0, ids, margins_of(logits.float(), labels).cpu())
-        self._epoch_count.index_add_(0, ids, torch.ones(len(ids)))
+        self._signals.record_margins(batch, ids)
 
     def _batch_weights(self, target: Tensor) -> Tensor | None:
         ids = self._data.batch_ids
@@ -336,9 +330,7 @@ class PoisonFilter(Callback):
     # --------------------------------------------------------------- detection
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = trainer.strategy
-        for total, part in ((self._margin_sum, self._epoch_sum), (self._margin_count, self._epoch_count)):
-            total += strategy.reduce(part.to(strategy.root_device), reduce_op="sum").cpu()
-            part.zero_()
+        self._signals.end_epoch(trainer)
         self._seen = strategy.reduce(self._seen.float().to(strategy.root_device), reduce_op="sum").cpu() > 0
         epoch = trainer.current_epoch + 1
         if self._due(epoch - self._start_of_training()):
@@ -359,24 +351,23 @@ class PoisonFilter(Callback):
         )
 
     def _detect(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
-        signals = self._signals(trainer, pl_module)
-        detections = {name: detector(signals) for name, detector in self._round_detectors.items()}
-        combined = combine(list(detections.values()), self.rule)
-        if self.restarted and self.action == "exclude":
-            # Their labels never trained the restarted head (the features saw them before the screen, and
-            # PseudoLabels trains on their inputs), so the answer on them does not echo their labels.
-            held_out = self._owned & ~self._seen
-            reclassified = exclusionary_reclassification(signals.logits, signals.labels, held_out)
-            detections["reclassification"] = reclassified
-            combined = combined._replace(flags=combined.flags | reclassified.flags)
-        flags = trainer.strategy.broadcast(combined.flags, src=0)
+        detectors = self._round_detectors
+        signals = self._signals.collect(
+            trainer, pl_module, any_needs(detectors.values(), "needs_inputs"), self._has_reference
+        )
+        # Their labels never trained the restarted head (the features saw them before the screen, and
+        # PseudoLabels trains on their inputs), so the answer on them does not echo their labels.
+        held_out = self._owned & ~self._seen if self.restarted and self.action == "exclude" else None
+        decision = decide(signals, detectors, self.rule, held_out)
+        # Every rank judged the same signals; rank 0's verdict is taken all the same, so no rounding can split them.
+        decision = decision._replace(**{k: trainer.strategy.broadcast(getattr(decision, k), src=0) for k in ("flags", "scores", "fired")})
+        flags = decision.flags
         if bool(flags.all()):
             raise RuntimeError(
                 "PoisonFilter flagged every training sample, which would leave nothing to train on. "
                 "Check the detectors' settings, or start detection later (start_epoch) once the model has learned."
             )
-        self.flags, self.scores = flags.clone(), trainer.strategy.broadcast(combined.scores, src=0)
-        self.sources = _sources(detections, flags)
+        self.flags, self.scores, self.decision = flags.clone(), decision.scores, decision
         if self.action == "exclude":
             self._exclude(flags)
         if self._initial is not None and bool(flags.any()):
@@ -418,52 +409,6 @@ class PoisonFilter(Callback):
         self._seen = torch.zeros_like(self._seen)
         reset_early_stopping(trainer)  # its best score so far belongs to the old model
         announce_restart(trainer)
-
-    @torch.no_grad()
-    def _signals(self, trainer: Trainer, pl_module: LightningModule) -> Signals:
-        train = self._embed(trainer, pl_module, self._data.inspection_dataloader(), with_ids=True)
-        order = _first_per_id(train["ids"], self._data.num_train)
-        reference = self._reference(trainer, pl_module)
-        counts = self._margin_count
-        return Signals(
-            labels=train["labels"][order],
-            num_classes=self._data.num_classes,
-            features=train["features"][order],
-            logits=train["logits"][order],
-            margins=torch.where(counts > 0, self._margin_sum / counts.clamp_min(1), torch.nan).float(),
-            reference_features=reference.get("features"),
-            reference_labels=reference.get("labels"),
-            inputs=train["inputs"][order] if "inputs" in train else None,
-            reference_inputs=reference.get("inputs"),
-            excluded=self._data.excluded,
-        )
-
-    def _reference(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
-        if trainer.val_dataloaders is None and is_overridden("val_dataloader", self._data, LightningDataModule):
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()  # no validation has run yet
-        loaders = as_loader_list(trainer.val_dataloaders)
-        if not loaders:
-            return {}
-        parts = [self._embed(trainer, pl_module, loader, with_ids=False) for loader in loaders]
-        return {
-            key: torch.cat([part[key] for part in parts]) for key in parts[0] if key in ("features", "labels", "inputs")
-        }
-
-    def _embed(self, trainer: Trainer, pl_module: LightningModule, loader: Any, with_ids: bool) -> dict[str, Tensor]:
-        needs_inputs = any_needs(self._round_detectors.values(), "needs_inputs")
-        return self._tap.embed(
-            trainer,
-            pl_module,
-            loader,
-            self.input_key,
-            self.target_key,
-            with_ids,
-            with_inputs=needs_inputs,
-            max_input_dims=MAX_INPUT_DIMS,
-        )
-
-    def _key(self, batch: Any, role: str) -> Key:
-        return resolve_key(batch, self.input_key if role == "input" else self.target_key, role)
 
     @property
     def _round_detectors(self) -> dict[str, Detector]:
@@ -508,20 +453,23 @@ class PoisonFilter(Callback):
         with open(folder / "flagged.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["id", "label", "score", "detector"])
-            for i in self.flags.nonzero().flatten().tolist():
-                writer.writerow([i, int(labels[i]), f"{float(self.scores[i]):.6g}", self.sources[i]])
+            ids = self.flags.nonzero().flatten()
+            rows = zip(ids.tolist(), labels[ids].tolist(), self.scores[ids].tolist(), self.decision.sources(ids))
+            writer.writerows((i, label, f"{score:.6g}", source) for i, label, score, source in rows)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.flags is None:
             return {}
         return {
+            "version": 2,
             "flags": self.flags.clone(),
             "scores": self.scores.clone(),
-            "sources": list(self.sources),
+            "fired": None if self.decision is None else self.decision.fired.clone(),
+            "fired_names": None if self.decision is None else self.decision.names,
             "rounds": list(self.rounds),
-            "margin_sum": self._margin_sum.clone(),
-            "margin_count": self._margin_count.clone(),
+            "margin_sum": self._signals.margin_sum.clone(),
+            "margin_count": self._signals.margin_count.clone(),
             "initial": self._initial,
             "extended_by": self.extended_by,
             "extended_steps": self._extended_steps,
@@ -545,8 +493,10 @@ class PoisonFilter(Callback):
         if not state_dict:
             return
         self.flags, self.scores = state_dict["flags"].clone(), state_dict["scores"].clone()
-        self.sources, self.rounds = list(state_dict["sources"]), list(state_dict["rounds"])
-        self._margin_sum, self._margin_count = state_dict["margin_sum"].clone(), state_dict["margin_count"].clone()
+        self.decision = _saved_decision(state_dict, self.flags, self.scores)
+        self.rounds = list(state_dict["rounds"])
+        self._signals.margin_sum = state_dict["margin_sum"].clone()
+        self._signals.margin_count = state_dict["margin_count"].clone()
         self._initial = state_dict["initial"]
         self._check_saved_restart()
         self.extended_by, self._extended_steps = state_dict["extended_by"], state_dict["extended_steps"]
@@ -573,19 +523,12 @@ def _check_head(pl_module: LightningModule) -> None:
         ) from None
 
 
-def _first_per_id(ids: Tensor, n: int) -> Tensor:
-    """Row positions of ids ``0 .. n-1``, ignoring the repeats DDP pads a shard with."""
-    position = torch.full((n,), len(ids), dtype=torch.long)
-    position.scatter_reduce_(0, ids, torch.arange(len(ids)), "amin")
-    if bool((position == len(ids)).any()):
-        raise RuntimeError("The inspection pass missed some training ids; this is a bug, please report it.")
-    return position
-
-
-def _sources(detections: dict[str, Detection], flags: Tensor) -> list[str]:
-    names = list(detections)
-    stacked = torch.stack([detections[name].flags for name in names])
-    return [
-        "+".join(n for n, hit in zip(names, column) if hit) if flag else ""
-        for flag, column in zip(flags.tolist(), stacked.T.tolist())
-    ]
+def _saved_decision(state_dict: dict[str, Any], flags: Tensor, scores: Tensor) -> Decision | None:
+    """The last round's decision from a checkpoint; version 1 saved the detectors' names per sample."""
+    if state_dict.get("version", 1) >= 2:
+        fired = state_dict["fired"]
+        return None if fired is None else Decision(flags, scores, fired.clone(), tuple(state_dict["fired_names"]))
+    sources = state_dict["sources"]
+    names = tuple(sorted({name for source in sources for name in source.split("+") if name}))
+    fired = torch.tensor([sum(1 << names.index(n) for n in source.split("+") if n) for source in sources])
+    return Decision(flags, scores, fired, names)

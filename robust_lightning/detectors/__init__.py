@@ -6,7 +6,7 @@ functional twin on plain tensors. :data:`DETECTORS` maps the names used in confi
 
 from robust_lightning.detectors.base import Detection, Detector, Signals, detection_quality, margins_of
 from robust_lightning.detectors.clustering import ActivationClustering, activation_clustering, two_means
-from robust_lightning.detectors.combine import Ensemble, combine
+from robust_lightning.detectors.combine import Decision, Ensemble, combine, decide
 from robust_lightning.detectors.duplicates import NearDuplicates, near_duplicates
 from robust_lightning.detectors.dynamics import AreaUnderMargin, area_under_margin, exclusionary_reclassification
 from robust_lightning.detectors.knn import KNNLabelConsistency, ReferenceKNN, knn_label_consistency, reference_knn
@@ -36,6 +36,7 @@ __all__ = [
     "DETECTORS",
     "ActivationClustering",
     "AreaUnderMargin",
+    "Decision",
     "Detection",
     "Detector",
     "Ensemble",
@@ -49,6 +50,7 @@ __all__ = [
     "activation_clustering",
     "area_under_margin",
     "combine",
+    "decide",
     "detection_quality",
     "exclusionary_reclassification",
     "knn_label_consistency",

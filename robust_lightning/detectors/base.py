@@ -80,23 +80,59 @@ def margins_of(logits: Tensor, labels: Tensor) -> Tensor:
     return given - others
 
 
-def principal_directions(centred: Tensor, count: int = 1) -> Tensor:
-    """The top ``count`` right singular vectors of a centred feature matrix, as rows (computed in float64).
+# Values of one chunk of rows: bounds the working memory of a pass over the signals to about 16 MB.
+CHUNK_VALUES = 1 << 22
 
-    From the eigenvectors of the smaller Gram matrix rather than a full SVD: the detectors need one
-    to ten directions, and for a class of a few hundred samples this is about ten times faster.
+
+def chunks(n: int, width: int) -> Iterator[slice]:
+    """Row slices of ``0 .. n`` sized so that each chunk of a ``(n, width)`` matrix holds about 4M values."""
+    step = max(1, CHUNK_VALUES // max(width, 1))
+    return (slice(start, min(start + step, n)) for start in range(0, n, step))
+
+
+def second_moment(x: Tensor, centre: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
+    """``(x - centre)^T (x - centre)`` over the rows ``ids`` (all by default), ``(D, D)`` in float64.
+
+    Streamed over chunks of rows: each chunk is multiplied in float32 on the rows' device and
+    summed in float64, so memory stays at one chunk whatever the number of rows.
+
+    >>> second_moment(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2.0, 0.0]))
+    tensor([[2., 0.],
+            [0., 0.]], dtype=torch.float64)
+    """
+    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for rows in chunks(len(x) if ids is None else len(ids), x.shape[1]):
+        part = (x[rows] if ids is None else x[ids[rows]]).float()
+        part = part if centre is None else part - centre
+        total += (part.T @ part).double()
+    return total
+
+
+def principal_directions(x: Tensor, count: int = 1, centre: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
+    """The top ``count`` right singular vectors of ``x[ids] - centre`` (all rows, uncentred, by default), as rows.
+
+    From the eigenvectors of the ``(D, D)`` second moment (:func:`second_moment`), which costs one
+    streamed pass over the rows: linear in their number, with no copy of ``x``. With fewer rows than
+    dimensions the ``(N, N)`` Gram matrix is the smaller one, and is used instead.
 
     >>> x = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     >>> principal_directions(x).abs()
     tensor([[1., 0.]])
     """
-    x = centred.double()
-    count = min(count, *x.shape)
-    if x.shape[0] >= x.shape[1]:
-        directions = torch.linalg.eigh(x.T @ x)[1][:, -count:].T
+    n = len(x) if ids is None else len(ids)
+    count = min(count, n, x.shape[1])
+    if n >= x.shape[1]:
+        directions = torch.linalg.eigh(second_moment(x, centre, ids))[1][:, -count:].T
     else:  # fewer samples than dimensions: right vectors from the left ones, v = x^T u / |x^T u|
-        directions = torch.nn.functional.normalize((x.T @ torch.linalg.eigh(x @ x.T)[1][:, -count:]).T, dim=1)
-    return directions.flip(0).to(centred.dtype)
+        small = (x if ids is None else x[ids]).double()
+        small = small if centre is None else small - centre.double()
+        directions = torch.nn.functional.normalize((small.T @ torch.linalg.eigh(small @ small.T)[1][:, -count:]).T, dim=1)
+    return directions.flip(0).float()
+
+
+def project(x: Tensor, ids: Tensor, centre: Tensor, basis: Tensor) -> Tensor:
+    """``(x[ids] - centre) @ basis.T``, ``(len(ids), len(basis))``, in chunks so that ``x[ids]`` is never copied whole."""
+    return torch.cat([(x[ids[rows]].float() - centre) @ basis.T for rows in chunks(len(ids), x.shape[1])])
 
 
 def by_class(labels: Tensor, num_classes: int) -> list[Tensor]:
@@ -104,19 +140,29 @@ def by_class(labels: Tensor, num_classes: int) -> list[Tensor]:
     return [(labels == cls).nonzero().flatten() for cls in range(num_classes)]
 
 
-def centred_classes(
-    features: Tensor, labels: Tensor, num_classes: int, min_size: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Each class with at least ``min_size`` samples: its ids and its features centred on the class mean."""
+def class_means(features: Tensor, labels: Tensor, num_classes: int, min_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each class with at least ``min_size`` samples: its ids and its mean feature."""
     for ids in by_class(labels, num_classes):
         if len(ids) >= min_size:
-            yield ids, features[ids] - features[ids].mean(0)
+            yield ids, sum(features[ids[rows]].float().sum(0) for rows in chunks(len(ids), features.shape[1])) / len(ids)
 
 
 def check_positive(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}.")
     return float(value)
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> int:
+    """``value`` as an int, or an error naming ``name`` when it is not an integer >= ``minimum``.
+
+    >>> check_int("k", 10.0)
+    10
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}.")
+    return int(value)
 
 
 def no_flags(n: int) -> Detection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robust_lightning.detectors.base import Detection, Signals, centred_classes, principal_directions
+from robust_lightning.detectors.base import Detection, Signals, class_means, principal_directions, project
 
 
 def two_means(points: Tensor, iterations: int = 50) -> Tensor:
@@ -17,10 +17,10 @@ def two_means(points: Tensor, iterations: int = 50) -> Tensor:
     >>> two_means(torch.tensor([[0.0], [0.1], [5.0], [5.2]])).tolist()
     [0, 0, 1, 1]
     """
-    centred = points - points.mean(0)
-    projection = centred @ principal_directions(centred)[0]
+    mean = points.mean(0)
+    projection = (points - mean) @ principal_directions(points, centre=mean)[0]
     centres = torch.stack([points[projection.argmin()], points[projection.argmax()]])
-    assignment = torch.zeros(len(points), dtype=torch.long)
+    assignment = torch.zeros(len(points), dtype=torch.long, device=points.device)
     for _ in range(iterations):
         new = torch.cdist(points, centres).argmin(1)
         if torch.equal(new, assignment) and _ > 0:
@@ -48,8 +48,8 @@ def activation_clustering(
     """
     scores = torch.zeros(len(labels))
     flags = torch.zeros(len(labels), dtype=torch.bool)
-    for ids, centred in centred_classes(features, labels, num_classes, min_size=4):
-        assignment = two_means(centred @ principal_directions(centred, dims).T)
+    for ids, mean in class_means(features, labels, num_classes, min_size=4):
+        assignment = two_means(project(features, ids, mean, principal_directions(features, dims, mean, ids))).cpu()
         sizes = torch.bincount(assignment, minlength=2).float() / len(ids)
         scores[ids] = 1 - sizes[assignment]
         smaller = int(sizes.argmin())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from robust_lightning.detectors.base import Detection, Detector, Signals, any_needs
+from robust_lightning.detectors.dynamics import exclusionary_reclassification
 
 RULES = ("any", "majority", "all")
 
@@ -72,3 +74,51 @@ class Ensemble:
 
     def __call__(self, signals: Signals) -> Detection:
         return combine([detector(signals) for detector in self.detectors], self.rule)
+
+
+class Decision(NamedTuple):
+    """A round's verdict: flags and scores per sample, and which detectors flagged each one.
+
+    ``fired`` holds one bit per name of ``names``, in order: bit ``j`` of ``fired[i]`` is set when
+    detector ``names[j]`` flagged sample ``i``.
+    """
+
+    flags: Tensor
+    scores: Tensor
+    fired: Tensor
+    names: tuple[str, ...]
+
+    def sources(self, ids: Tensor) -> list[str]:
+        """The names of the detectors that flagged each of ``ids``, joined by "+".
+
+        >>> Decision(torch.tensor([True]), torch.zeros(1), torch.tensor([0b101]), ("a", "b", "c")).sources(torch.tensor([0]))
+        ['a+c']
+        """
+        codes = self.fired[ids].tolist()
+        named = {code: "+".join(n for j, n in enumerate(self.names) if code >> j & 1) for code in set(codes)}
+        return [named[code] for code in codes]
+
+
+def decide(
+    signals: Signals, detectors: Mapping[str, Detector], rule: str = "any", held_out: Tensor | None = None
+) -> Decision:
+    """Run ``detectors`` on ``signals`` and join their flags by ``rule``: tensors in, a :class:`Decision` out.
+
+    With ``held_out`` (samples a model was restarted without), a held-out sample whose label the
+    model finds less likely than chance stays flagged whatever the rule
+    (:func:`~robust_lightning.detectors.exclusionary_reclassification`, named "reclassification").
+
+    >>> from robust_lightning.detectors import AreaUnderMargin
+    >>> signals = Signals(torch.tensor([0, 1]), 2, margins=torch.tensor([0.5, -1.0]))
+    >>> decision = decide(signals, {"aum": AreaUnderMargin()})
+    >>> decision.flags.tolist(), decision.sources(torch.tensor([1]))
+    ([False, True], ['aum'])
+    """
+    detections = {name: detector(signals) for name, detector in detectors.items()}
+    combined = combine(list(detections.values()), rule)
+    if held_out is not None:
+        reclassified = exclusionary_reclassification(signals.logits, signals.labels, held_out)
+        detections["reclassification"] = reclassified
+        combined = combined._replace(flags=combined.flags | reclassified.flags)
+    bits = torch.stack([d.flags.long() << j for j, d in enumerate(detections.values())]).sum(0)
+    return Decision(combined.flags, combined.scores, bits, tuple(detections))

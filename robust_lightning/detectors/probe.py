@@ -6,10 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robust_lightning.detectors.base import Detection, Signals, check_positive, margins_of
-
-# Rows of the leverage computed at once: bounds memory to (D + 1) x CHUNK.
-CHUNK = 4096
+from robust_lightning.detectors.base import Detection, Signals, check_positive, chunks, margins_of, second_moment
 
 
 def linear_probe(
@@ -36,25 +33,37 @@ def linear_probe(
     [0]
     """
     check_positive("ridge", ridge)
-    if not bool(torch.isfinite(features).all()):
+    if not all(bool(torch.isfinite(features[rows]).all()) for rows in chunks(len(features), features.shape[1])):
         raise ValueError("linear_probe got features with NaN or inf values; check the model's outputs.")
     labels = labels.to(features.device)
     kept = torch.ones_like(labels, dtype=torch.bool) if excluded is None else ~excluded.to(features.device)
     if int(kept.sum()) < 2:
         raise ValueError("linear_probe needs at least two samples that are not excluded to learn from.")
-    x = features.double()
-    x = (x - x[kept].mean(0)) / x[kept].std(0).clamp_min(1e-6)
-    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-    y = F.one_hot(labels, num_classes).to(x)
-    penalty = torch.full((x.shape[1],), float(ridge), dtype=x.dtype, device=x.device)
-    penalty[-1] = 0  # the bias
-    factor = torch.linalg.cholesky(x[kept].T @ x[kept] + torch.diag(penalty))
-    fitted = x @ torch.cholesky_solve(x[kept].T @ y[kept], factor)
-    leverage = torch.cat(
-        [torch.linalg.solve_triangular(factor, rows.T, upper=False).pow(2).sum(0) for rows in x.split(CHUNK)]
-    )
-    left_out = (fitted - leverage[:, None] * y) / (1 - leverage[:, None]).clamp_min(1e-12)
-    return torch.where(kept[:, None], left_out, fitted).float()
+    ids = kept.nonzero().flatten()
+    class_sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    for rows in chunks(len(ids), features.shape[1]):
+        class_sums.index_add_(0, labels[ids[rows]], features[ids[rows]].double())
+    counts = torch.bincount(labels[ids], minlength=num_classes).double()
+    mean = class_sums.sum(0) / len(ids)
+    moment = second_moment(features, mean.float(), ids)
+    scale = (torch.diagonal(moment) / (len(ids) - 1)).sqrt().clamp_min(1e-6)
+    # The standardized features with a bias column: their second moment and their moment with the
+    # one-hot labels follow from the centred moment and the class sums (the standardized columns sum to 0).
+    design = torch.block_diag(moment / torch.outer(scale, scale), counts.sum()[None, None])
+    design += torch.diag(torch.cat([torch.full_like(scale, ridge), scale.new_zeros(1)]))  # the bias is not penalized
+    label_moment = torch.cat([((class_sums - counts[:, None] * mean) / scale).T, counts[None, :]])
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(design))
+    weights, inverse = (inverse @ label_moment).float(), inverse.float()
+    mean, scale = mean.float(), scale.float()
+    scores = torch.empty(len(labels), num_classes, device=features.device)
+    for rows in chunks(len(labels), features.shape[1]):
+        x = torch.cat([(features[rows].float() - mean) / scale, torch.ones(len(labels[rows]), 1, device=features.device)], 1)
+        fitted = x @ weights
+        leverage = ((x @ inverse) * x).sum(1, keepdim=True)
+        y = F.one_hot(labels[rows], num_classes).float()
+        left_out = (fitted - leverage * y) / (1 - leverage).clamp_min(1e-12)
+        scores[rows] = torch.where(kept[rows, None], left_out, fitted)
+    return scores
 
 
 class LinearProbe:

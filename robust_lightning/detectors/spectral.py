@@ -9,9 +9,10 @@ from robust_lightning.detectors.base import (
     Detection,
     Signals,
     by_class,
-    centred_classes,
     check_positive,
+    class_means,
     principal_directions,
+    project,
 )
 
 # Below this many trusted samples a class's spread is too noisy to set a threshold from.
@@ -29,8 +30,9 @@ def spectral_signatures(features: Tensor, labels: Tensor, num_classes: int, expe
     check_positive("expected_fraction", expected_fraction)
     scores = torch.zeros(len(labels))
     flags = torch.zeros(len(labels), dtype=torch.bool)
-    for ids, centred in centred_classes(features, labels, num_classes, min_size=2):
-        scores[ids] = (centred @ principal_directions(centred)[0]).pow(2).float()
+    for ids, mean in class_means(features, labels, num_classes, min_size=2):
+        direction = principal_directions(features, centre=mean, ids=ids)
+        scores[ids] = project(features, ids, mean, direction)[:, 0].pow(2).cpu()
         count = min(len(ids), round(1.5 * expected_fraction * len(ids)))
         flags[ids[scores[ids].topk(count).indices]] = True
     return Detection(scores, flags)
@@ -66,12 +68,12 @@ def reference_spectral_signatures(
     for cls, ids in enumerate(by_class(labels, num_classes)):
         if len(ids) == 0 or len(trusted[cls]) < MIN_REFERENCE:
             continue
-        anchor = reference[trusted[cls]]
+        anchor = reference[trusted[cls]].float()
         centre = anchor.mean(0)
-        basis = principal_directions(features[ids] - centre, directions)
+        basis = principal_directions(features, directions, centre, ids)
         own = (anchor - centre) @ basis.T
         spread = own.std(0).clamp_min(1e-6 * float(own.abs().max().clamp_min(1.0)))
-        scores[ids] = (((features[ids] - centre) @ basis.T - own.mean(0)).abs() / spread).amax(1).float()
+        scores[ids] = ((project(features, ids, centre, basis) - own.mean(0)).abs() / spread).amax(1).cpu()
     return Detection(scores, scores > z)
 
 
