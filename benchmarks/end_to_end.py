@@ -24,11 +24,16 @@ from robust_lightning.poison import PairFlip
 TRAIN, VAL, TEST = 100_000, 5_000, 10_000
 
 
-def warped(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> TensorDataset:
-    """``count`` 28x28 digits: bundled 8x8 ones drawn at random, upsampled, rotated, scaled, shifted and noised."""
+def warped(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, size: int) -> TensorDataset:
+    """``count`` digits of ``size`` x ``size``: bundled 8x8 ones drawn at random, upsampled (at 28: to 24 and
+    padded by 2), rotated, scaled, shifted and noised."""
     g = torch.Generator().manual_seed(seed)
     drawn = torch.randint(0, len(images), (count,), generator=g)
-    big = F.pad(F.interpolate(images[drawn], size=24, mode="bilinear", align_corners=False), (2, 2, 2, 2))
+    big = images[drawn]
+    if size > 8:
+        inner = size * 6 // 7
+        big = F.interpolate(big, size=inner, mode="bilinear", align_corners=False)
+        big = F.pad(big, [(size - inner) // 2, size - inner - (size - inner) // 2] * 2)
     angle = (torch.rand(count, generator=g) - 0.5) * 0.5  # up to about 14 degrees either way
     scale = 0.9 + 0.2 * torch.rand(count, generator=g)
     shift = (torch.rand(count, 2, generator=g) - 0.5) * 0.2
@@ -40,11 +45,11 @@ def warped(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) ->
 
 
 class WarpedDigits(SplitsDataModule):
-    """100k training, 5k validation and 10k test digits at 28x28, each split warped from its own bundled digits."""
+    """100k training, 5k validation and 10k test digits (28x28 by default), each split warped from its own bundled digits."""
 
     num_classes = 10
 
-    def __init__(self, batch_size: int = 256, num_workers: int = 0) -> None:
+    def __init__(self, size: int = 28, batch_size: int = 256, num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
 
@@ -54,9 +59,10 @@ class WarpedDigits(SplitsDataModule):
         y = torch.tensor(digits.target)
         rest, test = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=y)
         train, val = train_test_split(rest, test_size=0.1, random_state=0, stratify=y[rest])
-        self.train_set = warped(x[train], y[train], TRAIN, seed=0)
-        self.val_set = warped(x[val], y[val], VAL, seed=1)
-        self.test_set = warped(x[test], y[test], TEST, seed=2)
+        size = self.hparams.size
+        self.train_set = warped(x[train], y[train], TRAIN, seed=0, size=size)
+        self.val_set = warped(x[val], y[val], VAL, seed=1, size=size)
+        self.test_set = warped(x[test], y[test], TEST, seed=2, size=size)
 
 
 class BatchNormCNN(SmallCNN):
@@ -77,12 +83,12 @@ class BatchNormCNN(SmallCNN):
 MODELS = {"SmallCNN": SmallCNN, "BatchNormCNN": BatchNormCNN}
 
 
-def run(model_name: str, option: str, epochs: int) -> dict:
+def run(model_name: str, option: str, epochs: int, size: int) -> dict:
     pl.seed_everything(0, verbose=False)
-    data = RobustDataModule(WarpedDigits(), poison=PairFlip({4: 8, 8: 4, 6: 9, 9: 6}, rate=0.4), validate=False)
+    data = RobustDataModule(WarpedDigits(size), poison=PairFlip({4: 8, 8: 4, 6: 9, 9: 6}, rate=0.4), validate=False)
     callbacks = filter_group(option) if option != "none" else []
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=SCRATCH,
     )  # fmt: skip
     model = MODELS[model_name]()
@@ -97,21 +103,21 @@ def run(model_name: str, option: str, epochs: int) -> dict:
     return row
 
 
-def run_end_to_end(models: list[str], epochs: int) -> str:
+def run_end_to_end(models: list[str], epochs: int, size: int) -> str:
     lines = [
         "| model | filter=none | filter=default | wall time, default / none | F1 of the flags |",
         "|---|---|---|---|---|",
     ]
     for name in models:
-        none, default = run(name, "none", epochs), run(name, "default", epochs)
+        none, default = run(name, "none", epochs, size), run(name, "default", epochs, size)
         print(name, none, default, flush=True)
         lines.append(
             f"| {name} | {none['acc']:.1%}, {none['seconds']:.0f} s | {default['acc']:.1%}, {default['seconds']:.0f} s "
             f"| {default['seconds'] / none['seconds']:.2f}x | {default['f1']:.2f} |"
         )
-    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
     lines.append(
-        f"\n100,000 training samples of 28x28, pair flip 40%, {epochs} epochs, batch 256, {threads} threads on the CPU. "
-        "Command: `python benchmarks/scale.py --end-to-end`."
+        f"\n100,000 training samples of {size}x{size}, pair flip 40%, {epochs} epochs, batch 256, on {device}. "
+        f"Command: `python benchmarks/scale.py --end-to-end --size {size} --epochs {epochs}`."
     )
     return "\n".join(lines)

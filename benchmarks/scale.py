@@ -18,6 +18,7 @@ models: the recipes' SmallCNN and a BatchNorm CNN.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -107,9 +108,7 @@ def measure(name: str, n: int) -> dict:
 
 def run(name: str, n: int) -> dict:
     """:func:`measure` in a fresh process, so that no detector inherits another's memory."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", name, str(n)], capture_output=True, text=True, check=True
-    )
+    done = subprocess.run([sys.executable, __file__, "--one", name, str(n)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -120,7 +119,7 @@ def table(results: dict[tuple[str, int], dict], sizes: list[int]) -> str:
     ]
     for name in DETECTORS:
         cells = [f"{results[name, n]['seconds']:.1f} s, {results[name, n]['peak_gb']:.2f} GB" for n in sizes]
-        growth = [results[name, b]["seconds"] / results[name, a]["seconds"] for a, b in zip(sizes, sizes[1:])]
+        growth = [results[name, b]["seconds"] / results[name, a]["seconds"] for a, b in itertools.pairwise(sizes)]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{g:.1f}x" for g in growth) + " |")
     threads = torch.get_num_threads()
     lines.append(
@@ -163,6 +162,9 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("DETECTOR", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end", action="store_true", help="train at 100k samples with and without the filter")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--size", type=int, default=28, help="image side of the end-to-end digits (8: the bundled size)"
+    )
     parser.add_argument("--models", nargs="+", default=["SmallCNN", "BatchNormCNN"])
     args = parser.parse_args()
     if args.one:
@@ -171,7 +173,9 @@ def main() -> None:
     if args.end_to_end:
         from end_to_end import run_end_to_end
 
-        return publish(run_end_to_end(args.models, args.epochs), DOCS / "scale.md", END_TO_END_MARK, args.no_doc)
+        return publish(
+            run_end_to_end(args.models, args.epochs, args.size), DOCS / "scale.md", END_TO_END_MARK, args.no_doc
+        )
     results = {}
     for n in args.sizes:
         for name in DETECTORS:

@@ -2,10 +2,11 @@
 
 import logging
 
+from robust_lightning.auditing import Audit, audit
 from robust_lightning.data.robust import RobustDataModule
 
 __version__ = "0.1.0"
-__all__ = ["RobustDataModule", "__version__"]
+__all__ = ["Audit", "RobustDataModule", "__version__", "audit"]
 
 _logger = logging.getLogger(__name__)
 _logger.setLevel(logging.INFO)

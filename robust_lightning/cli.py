@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustEvaluation, RobustLoss, RunReport
 from robust_lightning.callbacks.per_class_metrics import METRICS
@@ -83,10 +83,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and test the configured run; return its test metrics. Writes into ``run_dir``."""
     check_keys(cfg)
     seed_everything(cfg.seed, workers=True)
+    data = instantiate(cfg.data)
+    _take_num_classes(cfg, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     poison = instantiate(cfg.poison) if cfg.get("poison") else None
-    datamodule = RobustDataModule(instantiate(cfg.data), poison=poison, num_classes=cfg.num_classes, **cfg.robust)
+    datamodule = RobustDataModule(data, poison=poison, num_classes=cfg.num_classes, **cfg.robust)
     model = instantiate(cfg.model)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     if cfg.get("filter"):
@@ -110,6 +112,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
     return results
+
+
+def _take_num_classes(cfg: DictConfig, data: Any) -> None:
+    """Set ``num_classes`` from the datamodule's attribute when the config leaves it out."""
+    if "num_classes" in cfg and not OmegaConf.is_missing(cfg, "num_classes") and cfg.num_classes is not None:
+        return
+    value = getattr(data, "num_classes", None)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(
+            f"The number of classes is unknown: the config sets no num_classes and {type(data).__name__} has no "
+            f"num_classes attribute (an integer >= 2; it has {value!r}). Add `num_classes: N` to your data config "
+            "(at the top level, beside `data:`), or give the datamodule a num_classes attribute."
+        )
+    with open_dict(cfg):
+        cfg.num_classes = value
 
 
 def _filter_callbacks(group: DictConfig) -> list:

@@ -271,6 +271,26 @@ def test_pgd_l2_on_feature_vectors_is_refused_with_the_alternative():
         train(Classifier(), Flat(), [AdversarialTraining("pgd_l2", eps=0.5, steps=2)], limit_train_batches=1)
 
 
+def test_bounds_from_the_training_inputs_fit_tabular_features_and_the_attack_stays_inside():
+    class Tabular(StructuredDigits):
+        """Feature vectors on their own scales, as tabular data comes."""
+
+        def setup(self, stage):
+            super().setup(stage)
+            scale = torch.linspace(0.5, 20.0, 64)
+            for split in (self.train_set, self.val_set, self.test_set):
+                split.x = split.x.flatten(1) * scale - 3.0
+
+    data = Tabular(shuffle=False)
+    bounds = InputBounds.from_data(data)
+    data.setup("fit")
+    assert torch.equal(bounds.low, data.train_set.x.amin(0))
+    assert bool((bounds.high > bounds.low).all())
+    seen, clean = train(Classifier(), data, [AdversarialTraining("pgd", eps=EPS, steps=2, bounds=bounds)])
+    assert bool((seen >= bounds.low - 1e-5).all() and (seen <= bounds.high + 1e-5).all())
+    assert not torch.equal(seen, clean[: len(seen)]), "the inputs were attacked"
+
+
 class PreBatched(torch.utils.data.Dataset):
     """Batches served as slices of one tensor: views of the dataset's own storage."""
 

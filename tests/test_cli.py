@@ -187,3 +187,20 @@ def test_the_ddp_cpu_trainer_config_runs_plain_ddp_into_one_run_folder(tmp_path)
     assert (folder / "flagged.csv").exists() and (folder / "report.html").exists()
     assert "PoisonFilter flagged" in result.stdout, "rank zero's filter summary reaches the closing lines"
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["strategy"] == "ddp"
+
+
+def test_own_data_from_a_config_dir_takes_num_classes_from_the_datamodule(tmp_path):
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "mine.yaml").write_text(
+        "# @package _global_\ndata:\n  _target_: robust_lightning.data.DigitsDataModule\n  batch_size: 128\n"
+    )
+    (tmp_path / "conf" / "data" / "unknown.yaml").write_text(
+        "# @package _global_\ndata:\n  _target_: robust_lightning.data.splits.SplitsDataModule\n"
+    )
+    own = ["--config-dir", str(tmp_path / "conf"), "recipe=digits_clean", "trainer.max_epochs=1"]
+    result = cli(*own, "data=mine", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((run_folder(result.stdout) / "config.yaml").read_text())
+    assert config["num_classes"] == 10 and config["data"]["batch_size"] == 128
+    refused = cli(*own, "data=unknown", cwd=tmp_path)
+    assert refused.returncode != 0 and "Add `num_classes: N` to your data config" in refused.stderr

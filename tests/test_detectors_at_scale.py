@@ -11,10 +11,10 @@ from robust_lightning.detectors import (
     Signals,
     SpectralSignatures,
     activation_clustering,
+    base,
     knn_label_consistency,
     near_duplicates,
 )
-from robust_lightning.detectors import base
 from robust_lightning.detectors.neighbours import _faiss_search, _torch_search, anchor_ids
 
 
@@ -67,7 +67,7 @@ def test_near_duplicates_searched_in_cells_find_what_exact_search_finds():
 
 def test_results_do_not_depend_on_the_chunk_size(monkeypatch):
     """Every streamed pass (moments, projections, searches) gives what one pass over all rows gives."""
-    x, labels, g = clustered(700)
+    x, labels, _ = clustered(700)
     ref, ref_labels = x[:100] + 0.1, labels[:100]
     signals = Signals(labels, 5, features=x, inputs=x, reference_features=ref, reference_labels=ref_labels,
                       reference_inputs=ref)  # fmt: skip

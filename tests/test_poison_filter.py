@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import StructuredDigits, split_batch, trainer_kwargs
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch.callbacks import EarlyStopping, WeightAveraging
+from torch.utils.data import DataLoader, TensorDataset
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 
-from helpers import trainer_kwargs
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import AdversarialTraining, EMAWeights, PoisonFilter, PseudoLabels, RobustLoss
 from robust_lightning.data import DigitsDataModule

@@ -9,6 +9,7 @@ is measured in units of the range (pixel units for images, a fraction of each fe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,28 @@ class InputBounds:
         if mean.shape != std.shape or mean.ndim != 1 or (std <= 0).any():
             raise ValueError("mean and std must be per-channel sequences of the same length, with std > 0.")
         return cls((0 - mean)[:, None, None] / std[:, None, None], (1 - mean)[:, None, None] / std[:, None, None])
+
+    @classmethod
+    def from_data(cls, datamodule: Any, input_key: Any = None) -> InputBounds:
+        """Per-element bounds from the training inputs: the least and the greatest value each element takes.
+
+        For tabular or normalized inputs whose range is not known up front. Reads the datamodule's
+        training loader once (its ``setup("fit")`` first); an element that never varies gets a
+        span of 1e-6 around its value.
+        """
+        from robust_lightning.data.fields import get_field, resolve_key  # data imports attacks, not the reverse
+
+        datamodule = getattr(datamodule, "datamodule", datamodule)  # a RobustDataModule: the user's own
+        datamodule.setup("fit")
+        low = high = None
+        for batch in datamodule.train_dataloader():
+            x = torch.as_tensor(get_field(batch, resolve_key(batch, input_key, "input"))).float()
+            least, greatest = x.amin(0), x.amax(0)
+            low = least if low is None else torch.minimum(low, least)
+            high = greatest if high is None else torch.maximum(high, greatest)
+        if low is None:
+            raise ValueError("InputBounds.from_data read no training batch: the training loader is empty.")
+        return cls(low, torch.where(high > low, high, low + 1e-6))
 
     def to(self, device: torch.device | str) -> InputBounds:
         moved = InputBounds.__new__(InputBounds)

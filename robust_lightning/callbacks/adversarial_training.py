@@ -60,6 +60,7 @@ class AdversarialTraining(SeededCallback):
         bounds: where valid inputs live; default [0, 1]. Inputs outside are refused, not clamped.
         beta: the weight of TRADES' term.
         input_key, target_key: where the inputs and labels are in a batch; found by convention by default.
+        attr: the module's loss attribute, to which ``attack="trades"`` adds its term.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -84,6 +85,7 @@ class AdversarialTraining(SeededCallback):
         beta: float = 6.0,
         input_key: Key | None = None,
         target_key: Key | None = None,
+        attr: str = "criterion",
     ) -> None:
         if not callable(attack) and attack not in ATTACKS:
             raise ValueError(f"Unknown attack {attack!r}: use one of {sorted(ATTACKS)} or a factory(model, eps).")
@@ -105,7 +107,7 @@ class AdversarialTraining(SeededCallback):
         self.attack, self.eps, self.steps, self.alpha = attack, eps, steps, alpha
         self.fraction, self.start_epoch, self.warmup_epochs = fraction, start_epoch, warmup_epochs
         self.bounds, self.beta = bounds or InputBounds(), beta
-        self.input_key, self.target_key = input_key, target_key
+        self.input_key, self.target_key, self.attr = input_key, target_key, attr
         self._swap: CriterionSwap | None = None
         self._adversarial: Tensor | None = None
         self._module: LightningModule | None = None
@@ -134,7 +136,7 @@ class AdversarialTraining(SeededCallback):
         if stage == "fit":
             self._seeds.setup(trainer)
             if self.trades:
-                self._swap = CriterionSwap.of(pl_module, by="AdversarialTraining(attack='trades')")
+                self._swap = CriterionSwap.of(pl_module, self.attr, by="AdversarialTraining(attack='trades')")
         self._module = pl_module
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -166,6 +166,41 @@ class FeatureTap:
         return {"features": self.captured["features"].float().cpu(), "logits": self.captured["logits"].float().cpu()}
 
     @torch.no_grad()
+    def read(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        input_key: Key | None = None,
+        target_key: Key | None = None,
+        with_inputs: bool = False,
+        max_input_dims: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Features, logits and labels of one collated batch, prepared as a training batch, on the CPU.
+
+        With ``with_inputs`` the inputs come back too, flattened to one row per sample; rows wider
+        than ``max_input_dims`` are reduced on their device by a seeded Gaussian projection, the
+        same for a given width on every rank and call. Call it inside :meth:`evaluating`.
+        """
+        batch = as_training_batch(trainer, batch)
+        inputs = get_field(batch, resolve_key(batch, input_key, "input"))
+        rows = self.forward(trainer, pl_module, inputs)
+        rows["labels"] = torch.as_tensor(get_field(batch, resolve_key(batch, target_key, "target"))).long().cpu()
+        if with_inputs:
+            rows["inputs"] = self.flat_inputs(inputs, max_input_dims)
+        return rows
+
+    @contextmanager
+    def evaluating(self, pl_module: LightningModule) -> Iterator[None]:
+        """The module in eval mode for reading, put back in its mode afterwards."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            yield
+        finally:
+            self.stop()
+            pl_module.train(was_training)
+
     def embed(
         self,
         trainer: Trainer,
@@ -173,39 +208,16 @@ class FeatureTap:
         batches: Iterable[Any],
         input_key: Key | None = None,
         target_key: Key | None = None,
-        with_ids: bool = False,
         gather: bool = True,
         with_inputs: bool = False,
-        max_input_dims: int | None = None,
     ) -> dict[str, Tensor]:
-        """Features, logits and labels of every batch in eval mode, gathered from all ranks.
+        """Features, logits and labels (and inputs) of every batch in eval mode (:meth:`read`), gathered from all ranks.
 
-        With ``with_ids`` each batch is ``(batch, ids)`` and the ids are returned too. With
-        ``gather=False`` each rank keeps its own rows, for batches every rank reads whole. With
-        ``with_inputs`` the inputs come back too, flattened to one row per sample; rows wider than
-        ``max_input_dims`` are reduced on their device by a seeded Gaussian projection, the same
-        for a given width on every rank and call.
+        With ``gather=False`` each rank keeps its own rows, for batches every rank reads whole.
         """
-        was_training = pl_module.training
-        pl_module.eval()
-        rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "labels": [], "ids": [], "inputs": []}
-        try:
-            for batch in batches:
-                if with_ids:
-                    batch, ids = batch
-                    rows["ids"].append(ids)
-                batch = as_training_batch(trainer, batch)
-                inputs = get_field(batch, resolve_key(batch, input_key, "input"))
-                if with_inputs:
-                    rows["inputs"].append(self.flat_inputs(inputs, max_input_dims))
-                for key, values in self.forward(trainer, pl_module, inputs).items():
-                    rows[key].append(values)
-                labels = get_field(batch, resolve_key(batch, target_key, "target"))
-                rows["labels"].append(torch.as_tensor(labels).long().cpu())
-        finally:
-            self.stop()
-            pl_module.train(was_training)
-        rows = {key: torch.cat(parts) for key, parts in rows.items() if parts}
+        with self.evaluating(pl_module):
+            parts = [self.read(trainer, pl_module, batch, input_key, target_key, with_inputs) for batch in batches]
+        rows = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
         return {key: gather_rows(trainer, part) for key, part in rows.items()} if gather else rows
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from robust_lightning.detectors import (
 )
 from robust_lightning.detectors.base import any_needs
 from robust_lightning.detectors.combine import RULES
+from robust_lightning.report.flagged import write_flagged
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ class PoisonFilter(Callback):
             standard deviations, and :class:`~robust_lightning.detectors.InputSpectralSignatures`.
             Detectors that read the inputs get them flattened, and reduced to 1,024 values by a
             seeded random projection when wider.
+        attr: the module's loss attribute, which ``action="weight"`` reweights.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -183,9 +184,10 @@ class PoisonFilter(Callback):
         target_key: Key | None = None,
         restart: str | None = "head",
         screen: Sequence[str | Detector] = DEFAULT_SCREEN,
+        attr: str = "criterion",
     ) -> None:
-        self.detectors = _detector_set(detectors, "detectors")
-        self.screen = _detector_set(screen, "screen")
+        self.detectors = build_detectors(detectors, "detectors")
+        self.screen = build_detectors(screen, "screen")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
         if action not in ACTIONS:
@@ -200,7 +202,7 @@ class PoisonFilter(Callback):
             raise ValueError(f"weight must lie in [0, 1): the loss weight of flagged samples, got {weight!r}.")
         self.rule, self.action, self.weight = rule, action, float(weight)
         self.start_epoch, self.every_n_epochs = int(start_epoch), int(every_n_epochs)
-        self.layer, self.dirpath = layer, dirpath
+        self.layer, self.dirpath, self.attr = layer, dirpath, attr
         self.input_key, self.target_key = input_key, target_key
         if isinstance(restart, bool) or restart not in RESTARTS:
             raise ValueError(
@@ -247,7 +249,7 @@ class PoisonFilter(Callback):
         if self._restarts and self.restart == "head":
             _check_head(pl_module)
         if self.action == "weight":
-            self._swap = CriterionSwap.of(pl_module, by="PoisonFilter(action='weight')")
+            self._swap = CriterionSwap.of(pl_module, self.attr, by="PoisonFilter(action='weight')")
             self._reweight = Reweight(self._swap, self._batch_weights)
 
     @property
@@ -360,7 +362,9 @@ class PoisonFilter(Callback):
         held_out = self._owned & ~self._seen if self.restarted and self.action == "exclude" else None
         decision = decide(signals, detectors, self.rule, held_out)
         # Every rank judged the same signals; rank 0's verdict is taken all the same, so no rounding can split them.
-        decision = decision._replace(**{k: trainer.strategy.broadcast(getattr(decision, k), src=0) for k in ("flags", "scores", "fired")})
+        decision = decision._replace(
+            **{k: trainer.strategy.broadcast(getattr(decision, k), src=0) for k in ("flags", "scores", "fired")}
+        )
         flags = decision.flags
         if bool(flags.all()):
             raise RuntimeError(
@@ -447,15 +451,8 @@ class PoisonFilter(Callback):
 
     def _write_csv(self, trainer: Trainer, labels: Tensor) -> None:
         folder = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective
-        if not trainer.is_global_zero:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "flagged.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "label", "score", "detector"])
-            ids = self.flags.nonzero().flatten()
-            rows = zip(ids.tolist(), labels[ids].tolist(), self.scores[ids].tolist(), self.decision.sources(ids))
-            writer.writerows((i, label, f"{score:.6g}", source) for i, label, score, source in rows)
+        if trainer.is_global_zero:
+            write_flagged(folder / "flagged.csv", self.decision, labels)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -504,7 +501,8 @@ class PoisonFilter(Callback):
         self._restart_pending = state_dict["restart_pending"]
 
 
-def _detector_set(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:
+def build_detectors(detectors: Sequence[str | Detector] | str | Detector, what: str) -> dict[str, Detector]:
+    """Detectors by name, from names of :data:`~robust_lightning.detectors.DETECTORS` or instances; ``what`` names them in errors."""
     if isinstance(detectors, (str, bytes)) or callable(detectors):
         detectors = [detectors]
     built = dict(build_detector(d) for d in detectors)

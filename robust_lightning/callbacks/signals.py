@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from robust_lightning.callbacks.embedding import FeatureTap, as_training_batch
+from robust_lightning.callbacks.embedding import FeatureTap
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.data.loader import as_loader_list
 from robust_lightning.data.robust import RobustDataModule
@@ -116,7 +116,7 @@ class SignalCollector:
         n = self.data.num_train
         buffers: dict[str, Tensor] = {}
         written = torch.zeros(n, dtype=torch.long)
-        for (batch, ids), rows in self._read(trainer, pl_module, self.data.inspection_dataloader(), with_inputs):
+        for ids, rows in self._read(trainer, pl_module, self.data.inspection_dataloader(), with_inputs):
             for key, values in rows.items():
                 if key not in buffers:
                     buffers[key] = torch.zeros((n, *values.shape[1:]), dtype=values.dtype)
@@ -125,7 +125,9 @@ class SignalCollector:
         if trainer.world_size > 1:
             written = _sum_over_ranks(trainer, written)
             for key, buffer in buffers.items():  # the repeats DDP pads a shard with were written twice
-                _sum_over_ranks(trainer, buffer).div_(written.view(-1, *[1] * (buffer.ndim - 1)).to(buffer.dtype), **_exact(buffer))
+                _sum_over_ranks(trainer, buffer).div_(
+                    written.view(-1, *[1] * (buffer.ndim - 1)).to(buffer.dtype), **_exact(buffer)
+                )
         if bool((written == 0).any()):
             raise RuntimeError("The inspection pass missed some training ids; this is a bug, please report it.")
         return buffers
@@ -139,21 +141,11 @@ class SignalCollector:
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
 
     def _read(self, trainer: Trainer, pl_module: LightningModule, batches: Any, with_inputs: bool):
-        """Each ``(batch, ids)`` with its rows: features, logits and labels (and inputs), on the CPU, in eval mode."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        """The ids of each ``(batch, ids)`` with the batch's rows (see :meth:`FeatureTap.read`), in eval mode."""
+        keys = (self.input_key, self.target_key)
+        with self.tap.evaluating(pl_module):
             for batch, ids in batches:
-                batch = as_training_batch(trainer, batch)
-                inputs = get_field(batch, resolve_key(batch, self.input_key, "input"))
-                rows = self.tap.forward(trainer, pl_module, inputs)
-                rows["labels"] = torch.as_tensor(get_field(batch, resolve_key(batch, self.target_key, "target"))).long().cpu()
-                if with_inputs:
-                    rows["inputs"] = self.tap.flat_inputs(inputs, MAX_INPUT_DIMS)
-                yield (batch, ids), rows
-        finally:
-            self.tap.stop()
-            pl_module.train(was_training)
+                yield ids, self.tap.read(trainer, pl_module, batch, *keys, with_inputs, MAX_INPUT_DIMS)
 
 
 def _exact(buffer: Tensor) -> dict[str, str]:

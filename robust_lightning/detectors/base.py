@@ -126,7 +126,9 @@ def principal_directions(x: Tensor, count: int = 1, centre: Tensor | None = None
     else:  # fewer samples than dimensions: right vectors from the left ones, v = x^T u / |x^T u|
         small = (x if ids is None else x[ids]).double()
         small = small if centre is None else small - centre.double()
-        directions = torch.nn.functional.normalize((small.T @ torch.linalg.eigh(small @ small.T)[1][:, -count:]).T, dim=1)
+        directions = torch.nn.functional.normalize(
+            (small.T @ torch.linalg.eigh(small @ small.T)[1][:, -count:]).T, dim=1
+        )
     return directions.flip(0).float()
 
 
@@ -144,7 +146,10 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int, min_size: in
     """Each class with at least ``min_size`` samples: its ids and its mean feature."""
     for ids in by_class(labels, num_classes):
         if len(ids) >= min_size:
-            yield ids, sum(features[ids[rows]].float().sum(0) for rows in chunks(len(ids), features.shape[1])) / len(ids)
+            yield (
+                ids,
+                sum(features[ids[rows]].float().sum(0) for rows in chunks(len(ids), features.shape[1])) / len(ids),
+            )
 
 
 def check_positive(name: str, value: float) -> float:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from robust_lightning.detectors.base import Detection, Signals, chunks
-from robust_lightning.detectors.neighbours import anchor_ids, nearest_ids
 
-# Samples per cell of the partition that candidate pairs are searched in: the cost is about N x 2 LIST_SIZE x D,
-# plus N x (N / LIST_SIZE) x D to find each sample's cells.
-LIST_SIZE = 512
-# Lloyd iterations that move the centres of the cells, on a sample of 32 rows per cell: seeded samples alone
-# leave some cells (hubs) ten times larger than the mean, which costs twice as much.
-CENTRE_ITERATIONS = 3
-# Cells each sample looks into, its nearest centres: a pair of close samples lands in one cell
-# unless it straddles a border, and looking into the second-nearest cell catches those.
-PROBES = 2
+# Samples per leaf of the random-projection trees that candidate pairs are compared in, at most: a tree costs
+# about N x LEAF x D, plus N x D per level of the tree to build.
+LEAF = 2048
+# Trees, each split along other random directions: a close pair is missed only when every tree separates it.
+TREES = 2
 
 
 def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
@@ -27,13 +24,14 @@ def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
     exact copy). The first of a group of near-copies is kept: data gathered first, and the
     samples an injection drill appends, come after what they copy.
 
-    Up to 1,023 samples the search is exact. Beyond, the samples are split into cells around
-    centres (an inverted file, as in faiss's ``IndexIVFFlat``, with a few seeded k-means steps),
-    and each sample is compared
-    exactly with the samples of its two nearest cells: linear in N, and a near-copy is missed only
-    when it and its original straddle the borders of three cells. Written here rather than with
-    faiss's IVF index, whose search compares one query at a time: this compares a cell's queries
-    with its members in one matrix product, about ten times faster on the CPU.
+    Up to 2,048 samples the search is exact. Beyond, each of two random-projection trees (Dasgupta
+    & Freund, "Random projection trees and low dimensional manifolds", STOC 2008) splits the
+    samples at the median of a seeded random direction, level by level, into leaves of at most
+    2,048, and each sample is compared exactly with the others of its leaf: O(N log N) in all. A
+    near-copy is missed only when both trees split it from its original, which a pair far closer
+    than its neighbours rarely is. Written here rather than with faiss: its inverted-file index
+    needs a centre per few hundred samples, so finding each sample's cell grows as N^2, and its
+    search compares one query at a time, where a leaf here is one matrix product.
 
     >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [2.0, 2.0]])
     >>> near_duplicates(x).flags.tolist()
@@ -51,35 +49,37 @@ def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
 
 
 def _nearest_and_earlier(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Each sample's distance to its nearest other sample and to its nearest earlier one, among its cells."""
+    """Each sample's distance to its nearest other sample and to its nearest earlier one, among its leaves."""
     n = len(x)
-    centres = _centres(x, max(1, n // LIST_SIZE))
-    cells = nearest_ids(x, centres, min(PROBES, len(centres))).to(x.device)
-    home = cells[:, 0]
-    members = home.argsort(stable=True)  # ids grouped by cell, in id order within each cell
-    bounds = torch.bincount(home, minlength=len(centres)).cumsum(0).tolist()
-    probing = cells.flatten().argsort(stable=True) // cells.shape[1]  # the ids that look into each cell, grouped
-    probe_bounds = torch.bincount(cells.flatten(), minlength=len(centres)).cumsum(0).tolist()
     nearest = torch.full((n,), float("inf"), device=x.device)
     earlier = torch.full((n,), float("inf"), device=x.device)
-    for cell in range(len(centres)):
-        inside = members[(bounds[cell - 1] if cell else 0) : bounds[cell]]
-        queries = probing[(probe_bounds[cell - 1] if cell else 0) : probe_bounds[cell]]
-        for rows in chunks(len(queries), len(inside)):
-            _compare(x, queries[rows], inside, nearest, earlier)
+    for seed in range(TREES if n > LEAF else 1):
+        leaf = _leaves(x, seed)
+        members = leaf.argsort(stable=True)  # ids grouped by leaf
+        ends = torch.bincount(leaf).cumsum(0).tolist()
+        for start, end in zip([0, *ends[:-1]], ends):
+            inside = members[start:end]
+            for rows in chunks(len(inside), len(inside)):
+                _compare(x, inside[rows], inside, nearest, earlier)
     return nearest.cpu(), earlier.cpu()
 
 
-def _centres(x: Tensor, count: int) -> Tensor:
-    """``count`` cell centres: seeded samples moved by a few k-means steps over a seeded sample of the rows."""
-    centres = x[anchor_ids(len(x), count).to(x.device)].float()
-    sample = x[anchor_ids(len(x), 32 * count, seed=1).to(x.device)].float()
-    for _ in range(CENTRE_ITERATIONS if count > 1 else 0):
-        home = nearest_ids(sample, centres, 1)[:, 0].to(x.device)
-        sums = torch.zeros_like(centres).index_add_(0, home, sample)
-        counts = torch.bincount(home, minlength=count)[:, None]
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)  # an empty cell keeps its centre
-    return centres
+def _leaves(x: Tensor, seed: int) -> Tensor:
+    """The leaf of each row in a random-projection tree: each level halves every node at its median along one direction."""
+    n = len(x)
+    generator = torch.Generator().manual_seed(seed)
+    leaf = torch.zeros(n, dtype=torch.long, device=x.device)
+    for level in range(max(0, math.ceil(math.log2(n / LEAF)))):
+        direction = torch.randn(x.shape[1], generator=generator).to(x.device)
+        projection = torch.cat([x[rows].float() @ direction for rows in chunks(n, x.shape[1])])
+        order = projection.argsort()
+        order = order[leaf[order].argsort(stable=True)]  # grouped by node, by projection within each
+        counts = torch.bincount(leaf, minlength=2**level)
+        starts = counts.cumsum(0) - counts
+        rank = torch.empty_like(leaf)
+        rank[order] = torch.arange(n, device=x.device) - starts[leaf[order]]
+        leaf = 2 * leaf + (rank >= counts[leaf] // 2).long()
+    return leaf
 
 
 def _compare(x: Tensor, queries: Tensor, inside: Tensor, nearest: Tensor, earlier: Tensor) -> None:

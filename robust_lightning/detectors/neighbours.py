@@ -15,6 +15,8 @@ from robust_lightning.detectors.base import chunks
 
 # Training samples a sample's neighbours are drawn from at most: the cost of a kNN round is N x ANCHORS x D.
 ANCHORS = 10_000
+# Queries per faiss call: faiss bounds its own distance blocks, and on 2 cores 8,192 ran about 20% faster than 32,768.
+FAISS_QUERIES = 8192
 
 
 def nearest_ids(queries: Tensor, base: Tensor, k: int, cosine: bool = False) -> Tensor:
@@ -43,7 +45,8 @@ def _faiss_search(queries: Tensor, base: Tensor, k: int, cosine: bool) -> Tensor
     index = faiss.IndexFlatIP(base.shape[1]) if cosine else faiss.IndexFlatL2(base.shape[1])
     index.add(base.contiguous().numpy())
     found = torch.empty(len(queries), k, dtype=torch.long)
-    for rows in chunks(len(queries), queries[0].numel() if len(queries) else 1):  # faiss bounds its own distance blocks
+    for start in range(0, len(queries), FAISS_QUERIES):
+        rows = slice(start, start + FAISS_QUERIES)
         found[rows] = torch.from_numpy(index.search(_prepared(queries[rows], cosine).contiguous().numpy(), k)[1])
     return found
 

@@ -57,7 +57,9 @@ def linear_probe(
     mean, scale = mean.float(), scale.float()
     scores = torch.empty(len(labels), num_classes, device=features.device)
     for rows in chunks(len(labels), features.shape[1]):
-        x = torch.cat([(features[rows].float() - mean) / scale, torch.ones(len(labels[rows]), 1, device=features.device)], 1)
+        x = torch.cat(
+            [(features[rows].float() - mean) / scale, torch.ones(len(labels[rows]), 1, device=features.device)], 1
+        )
         fitted = x @ weights
         leverage = ((x @ inverse) * x).sum(1, keepdim=True)
         y = F.one_hot(labels[rows], num_classes).float()
