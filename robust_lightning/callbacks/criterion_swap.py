@@ -60,7 +60,7 @@ def loss_attribute(module: LightningModule, attr: str, by: str) -> nn.Module:
         raise AttributeError(
             f"{by} changes the loss through the module's loss attribute `{attr}`, but {type(module).__name__} "
             f"{found}. If your module keeps its loss under another name, pass attr='<that name>' to the callback. "
-            f"Otherwise add `self.{attr} = nn.CrossEntropyLoss()` (or another torch loss with a `reduction` "
+            f"Add `self.{attr} = nn.CrossEntropyLoss()` (or another torch loss with a `reduction` "
             f"argument) in __init__ and compute the loss as `self.{attr}(logits, y)` in training_step."
         )
     return loss
