@@ -16,9 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from common import mean, publish, quiet
-from filtering import SCENARIOS, fit, predict, train_inputs
+from filtering import SCENARIOS, cleanlab_flags, fit
 
 from robust_lightning import RobustDataModule, audit
 from robust_lightning.data import DigitsDataModule
@@ -36,21 +35,11 @@ def run_audit(seed: int, poison) -> dict:
 
 
 def run_cleanlab(seed: int, poison) -> dict:
-    from cleanlab.filter import find_label_issues
-    from sklearn.model_selection import StratifiedKFold
-
     start = time.perf_counter()
-    data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
-    data.setup("fit")
-    x, y = train_inputs(data)
-    probs = torch.zeros(len(y), 10)
-    for fold, (train, held) in enumerate(StratifiedKFold(5, shuffle=True, random_state=seed).split(x, y)):
-        keep = torch.zeros(len(y), dtype=torch.bool)
-        keep[train] = True
-        model, _, _ = fit(seed + fold, poison, keep=keep)
-        probs[held] = predict(model, torch.utils.data.TensorDataset(x[held], y[held]))
-    flagged = torch.as_tensor(find_label_issues(y.numpy(), probs.numpy()))
-    return {"seconds": time.perf_counter() - start, **detection_quality(flagged, data.poison_mask)}
+    flagged = cleanlab_flags(seed, poison)
+    truth = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
+    truth.setup("fit")
+    return {"seconds": time.perf_counter() - start, **detection_quality(flagged, truth.poison_mask)}
 
 
 def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:

@@ -116,11 +116,11 @@ def retrain_without(seed, poison, flagged, seconds):
     return outcome(model, data, poison, flagged, seconds + more)
 
 
-def run_cleanlab(seed, poison):
+def cleanlab_flags(seed, poison) -> torch.Tensor:
+    """cleanlab's label issues from 5-fold out-of-sample probabilities (5 trainings)."""
     from cleanlab.filter import find_label_issues
     from sklearn.model_selection import StratifiedKFold
 
-    start = time.perf_counter()
     data = RobustDataModule(DigitsDataModule(), poison=poison, seed=seed)
     data.setup("fit")
     x, y = train_inputs(data)
@@ -130,7 +130,12 @@ def run_cleanlab(seed, poison):
         keep[train] = True
         model, _, _ = fit(seed + fold, poison, keep=keep)
         probs[held] = predict(model, torch.utils.data.TensorDataset(x[held], y[held]))
-    flagged = torch.as_tensor(find_label_issues(y.numpy(), probs.numpy()))
+    return torch.as_tensor(find_label_issues(y.numpy(), probs.numpy()))
+
+
+def run_cleanlab(seed, poison):
+    start = time.perf_counter()
+    flagged = cleanlab_flags(seed, poison)
     return retrain_without(seed, poison, flagged, time.perf_counter() - start)
 
 
