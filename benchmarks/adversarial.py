@@ -11,7 +11,7 @@ runs the same seeds, ART the first). Robust accuracy
 is PGD-20 (eps 0.1, step eps/4, random start) on the test split; AutoAttack (standard, L-inf)
 for the first seed's callback and loop models.
 
-    python benchmarks/adversarial.py                      # 5 pairs, all methods; writes docs/adversarial.md
+    python benchmarks/adversarial.py                      # 5 pairs, all methods; writes docs/pages/adversarial.md
     python benchmarks/adversarial.py --methods fgsm_rs --pairs 2 --no-doc
 """
 
@@ -35,7 +35,7 @@ from robust_lightning.models import SmallCNN
 
 EPS, EPOCHS, BETA = 0.1, 40, 6.0
 METHODS = {"fgsm_rs": ("fgsm_rs", 1), "pgd7": ("pgd", 7), "trades": ("trades", 7)}
-DOC = Path(__file__).resolve().parents[1] / "docs" / "adversarial.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "adversarial.md"
 MARK = "<!-- adversarial benchmark table -->"
 
 

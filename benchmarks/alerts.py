@@ -5,7 +5,7 @@ Each run trains SmallCNN for 40 epochs (Adam 1e-3, batch 64) with PerClassMetric
 share, at least 5 samples). A targeted flip relabels 40% of the 4s as 8; the pair flip is the
 default recipe's 4<->8, 6<->9 at 40%.
 
-    python benchmarks/alerts.py          # 3 seeds per scenario; writes docs/monitoring.md
+    python benchmarks/alerts.py          # 3 seeds per scenario; writes docs/pages/monitoring.md
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from robust_lightning.models import SmallCNN
 from robust_lightning.poison import PairFlip
 
 EPOCHS = 40
-DOC = Path(__file__).resolve().parents[1] / "docs" / "monitoring.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "monitoring.md"
 MARK = "<!-- alerts benchmark table -->"
 RESULTS = Path(__file__).resolve().parent / "results" / "alerts.json"
 SCENARIOS = {

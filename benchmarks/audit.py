@@ -6,7 +6,7 @@ cleanlab needs out-of-sample probabilities, from 5 trainings on 4/5 of the data 
 ``find_label_issues``. F1 is against the drill's ground truth.
 
     pip install -e ".[bench]"
-    python benchmarks/audit.py                 # seeds 0-2, pair flip and symmetric 40%; writes docs/filtering.md
+    python benchmarks/audit.py                 # seeds 0-2, pair flip and symmetric 40%; writes docs/pages/filtering.md
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from robust_lightning import RobustDataModule, audit
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.detectors import detection_quality
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "filtering.md"
 MARK = "<!-- audit benchmark table -->"
 
 
@@ -65,7 +65,7 @@ def table(results: dict[tuple[str, str], list[dict]], seeds: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/filtering.md")
+    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/pages/filtering.md")
     args = parser.parse_args()
     quiet()
     results: dict[tuple[str, str], list[dict]] = {}

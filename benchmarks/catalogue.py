@@ -1,10 +1,10 @@
-"""The recipe catalogue and the defence sweep: Hydra multiruns whose summaries go into the README.
+"""The recipe catalogue and the defence sweep: Hydra multiruns whose summaries go into docs/pages/cli.md.
 
 1. ``robust-lightning -m recipe=<every digits recipe>``: one job per recipe, at its own settings.
 2. ``robust-lightning -m recipe=digits_sym40 poison.rate=0.2,0.4,0.6 filter=none,default``: the
    filter against no filter across noise rates, as one summary table (summary.md of the sweep).
 
-    python benchmarks/catalogue.py           # both sweeps (about 15 minutes on 2 cores); writes README.md
+    python benchmarks/catalogue.py           # both sweeps (about 15 minutes on 2 cores); writes docs/pages/cli.md
     python benchmarks/catalogue.py --no-doc  # print the tables only
 """
 
@@ -21,7 +21,7 @@ import yaml
 from common import SCRATCH, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "pages" / "cli.md"
 CATALOGUE_MARK, SWEEP_MARK = "<!-- recipe catalogue -->", "<!-- defence sweep -->"
 # Recipes that download data, and the loss sweep, which is itself a multirun, are left out.
 SKIPPED = {"mnist_pgd_at", "cifar10_pgd_at", "digits_loss_sweep"}
@@ -72,9 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     catalogue = multirun([f"recipe={','.join(RECIPES)}"], SCRATCH / "catalogue")
-    publish(catalogue_table(catalogue), README, CATALOGUE_MARK, args.no_doc)
+    publish(catalogue_table(catalogue), PAGE, CATALOGUE_MARK, args.no_doc)
     sweep = multirun(SWEEP, SCRATCH / "defence_sweep")
-    publish(sweep_table(sweep), README, SWEEP_MARK, args.no_doc)
+    publish(sweep_table(sweep), PAGE, SWEEP_MARK, args.no_doc)
 
 
 if __name__ == "__main__":

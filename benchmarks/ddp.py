@@ -7,7 +7,7 @@ restart's 2). One process trains with batches
 of 64; two processes (ddp_spawn over gloo) with 32 each, the same global batch. Each process of the
 DDP run gets one thread; the single process gets as many as the DDP run in all (BENCH_THREADS x 2).
 
-    python benchmarks/ddp.py                 # seeds 0-2; writes the table into docs/ddp.md
+    python benchmarks/ddp.py                 # seeds 0-2; writes the table into docs/pages/ddp.md
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from robust_lightning.losses import ELRLoss
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import PairFlip
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "ddp.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "ddp.md"
 MARK = "<!-- ddp benchmark table -->"
 RESULTS = Path(__file__).resolve().parent / "results" / "ddp.json"
 EPOCHS = 10

@@ -8,7 +8,7 @@
   table was measured with);
   DriftMonitor tests the triggered test set (non-target test digits with the patch) as ``triggered``.
 
-    python benchmarks/drift.py                 # 20 i.i.d. seeds, 3 backdoor seeds; writes docs/monitoring.md
+    python benchmarks/drift.py                 # 20 i.i.d. seeds, 3 backdoor seeds; writes docs/pages/monitoring.md
     python benchmarks/drift.py --iid-seeds 2 --backdoor-seeds 1 --no-doc
 """
 
@@ -31,7 +31,7 @@ from robust_lightning.models import SmallCNN
 from robust_lightning.poison import BackdoorTrigger
 
 EPOCHS, EVERY, SIGMA = 40, 10, 0.1
-DOC = Path(__file__).resolve().parents[1] / "docs" / "monitoring.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "monitoring.md"
 MARK = "<!-- drift benchmark table -->"
 RESULTS = Path(__file__).resolve().parent / "results" / "drift.json"
 

@@ -45,11 +45,12 @@ def warped(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, si
 
 
 class WarpedDigits(SplitsDataModule):
-    """100k training, 5k validation and 10k test digits (28x28 by default), each split warped from its own bundled digits."""
+    """``train`` training (100k by default), 5k validation and 10k test digits (28x28 by default), each split warped
+    from its own bundled digits."""
 
     num_classes = 10
 
-    def __init__(self, size: int = 28, batch_size: int = 256, num_workers: int = 0) -> None:
+    def __init__(self, size: int = 28, train: int = TRAIN, batch_size: int = 256, num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
 
@@ -60,7 +61,7 @@ class WarpedDigits(SplitsDataModule):
         rest, test = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=y)
         train, val = train_test_split(rest, test_size=0.1, random_state=0, stratify=y[rest])
         size = self.hparams.size
-        self.train_set = warped(x[train], y[train], TRAIN, seed=0, size=size)
+        self.train_set = warped(x[train], y[train], self.hparams.train, seed=0, size=size)
         self.val_set = warped(x[val], y[val], VAL, seed=1, size=size)
         self.test_set = warped(x[test], y[test], TEST, seed=2, size=size)
 
@@ -80,12 +81,20 @@ class BatchNormCNN(SmallCNN):
         )  # fmt: skip
 
 
-MODELS = {"SmallCNN": SmallCNN, "BatchNormCNN": BatchNormCNN}
+class NoValidationCNN(SmallCNN):
+    """SmallCNN as many users' modules are: with no validation_step."""
+
+    validation_step = None
 
 
-def run(model_name: str, option: str, epochs: int, size: int) -> dict:
+MODELS = {"SmallCNN": SmallCNN, "BatchNormCNN": BatchNormCNN, "NoValidationCNN": NoValidationCNN}
+
+
+def run(model_name: str, option: str, epochs: int, size: int, train: int = TRAIN) -> dict:
     pl.seed_everything(0, verbose=False)
-    data = RobustDataModule(WarpedDigits(size), poison=PairFlip({4: 8, 8: 4, 6: 9, 9: 6}, rate=0.4), validate=False)
+    data = RobustDataModule(
+        WarpedDigits(size, train), poison=PairFlip({4: 8, 8: 4, 6: 9, 9: 6}, rate=0.4), validate=False
+    )
     callbacks = filter_group(option) if option != "none" else []
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,

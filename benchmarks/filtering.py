@@ -6,7 +6,7 @@ probabilities) and ART (spectral signatures, activation clustering on the traine
 samples after training, and the model is then retrained without them.
 
     pip install -e ".[bench]"
-    python benchmarks/filtering.py            # 3 seeds, all scenarios and defences; writes docs/filtering.md
+    python benchmarks/filtering.py            # 3 seeds, all scenarios and defences; writes docs/pages/filtering.md
     python benchmarks/filtering.py --seeds 0 --defences none filter
 """
 
@@ -41,7 +41,7 @@ SCENARIOS: dict[str, Callable[[int], object]] = {
 }
 DEFENCES = ("none", "filter", "exclude_only", "oracle", "cleanlab", "art_spectral", "art_clustering")
 EPOCHS = 40
-DOC = Path(__file__).resolve().parents[1] / "docs" / "filtering.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "filtering.md"
 MARK = "<!-- filtering benchmark table -->"
 
 
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
-    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/filtering.md")
+    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/pages/filtering.md")
     parser.add_argument("--save", type=Path, help="also save the raw rows as JSON, to merge runs made in parallel")
     parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
     args = parser.parse_args()

@@ -5,7 +5,7 @@ by RobustLoss, each loss at its one documented default (conf/loss/); only the lo
 the losses alternate within each seed. Test accuracy is that of the last epoch: no early stopping
 on the noisy validation split.
 
-    python benchmarks/losses.py --epochs 100    # 3 seeds, all scenarios and losses; writes docs/losses.md
+    python benchmarks/losses.py --epochs 100    # 3 seeds, all scenarios and losses; writes docs/pages/losses.md
     python benchmarks/losses.py --epochs 40
     python benchmarks/losses.py --seeds 0 --losses ce elr --scenarios "symmetric 40%" --no-doc
 """
@@ -38,7 +38,7 @@ SCENARIOS: dict[str, Callable[[int], object]] = {
 }
 LOSS_NAMES = ["ce", "gce", "sce", "nce_rce", "bootstrap_soft", "bootstrap_hard", "taylor", "elr", "forward"]
 BUDGETS = (40, 100)  # the recipes' default, and long enough for cross-entropy to memorize the noise
-DOC = ROOT / "docs" / "losses.md"
+DOC = ROOT / "docs" / "pages" / "losses.md"
 
 
 def mark(epochs: int) -> str:
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--losses", nargs="+", default=LOSS_NAMES, choices=LOSS_NAMES)
     parser.add_argument("--epochs", type=int, default=BUDGETS[1], choices=BUDGETS)
-    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/losses.md")
+    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/pages/losses.md")
     parser.add_argument("--save", type=Path, help="also save the raw rows as JSON, to merge runs made in parallel")
     parser.add_argument("--merge", type=Path, nargs="+", help="render the table from saved JSON files instead")
     args = parser.parse_args()

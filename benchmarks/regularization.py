@@ -11,7 +11,7 @@
 
 Every run: SmallCNN (Adam 3e-3, batch 64), the seed's own split; test metrics of the last epoch.
 
-    python benchmarks/regularization.py              # 3 seeds, every scenario; writes docs/regularization.md
+    python benchmarks/regularization.py              # 3 seeds, every scenario; writes docs/pages/regularization.md
     python benchmarks/regularization.py --scenario "symmetric 40%, 100 epochs" --methods CE "mixup + CE" --save a.json
     python benchmarks/regularization.py --merge a.json b.json    # publish rows saved by runs made in parallel
 """
@@ -47,7 +47,7 @@ SCENARIOS = {
 # Mixup converges more slowly than plain training (Zhang et al. train 200 epochs): the longest
 # scenario runs only the rows that compare mixing with training without it.
 SCENARIO_METHODS = {"symmetric 40%, 200 epochs": ["CE", "mixup + CE", "ELR", "mixup + ELR"]}
-DOC = Path(__file__).resolve().parents[1] / "docs" / "regularization.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pages" / "regularization.md"
 MARK = "<!-- regularization benchmark table -->"
 RESULTS = Path(__file__).resolve().parent / "results" / "regularization.json"
 

@@ -10,9 +10,9 @@ End to end: 100k 28x28 digits, made offline by upsampling and warping the bundle
 40%, trained with the recipes' filter (``filter=default``) and without (``filter=none``), for two
 models: the recipes' SmallCNN and a BatchNorm CNN.
 
-    python benchmarks/scale.py                      # N = 10k, 100k, 1M; writes docs/scale.md and its plot
+    python benchmarks/scale.py                      # N = 10k, 100k, 1M; writes docs/pages/scale.md and its plot
     python benchmarks/scale.py --sizes 10000 --no-doc
-    python benchmarks/scale.py --end-to-end         # 100k samples, both models; writes docs/scale.md
+    python benchmarks/scale.py --end-to-end         # 100k samples, both models; writes docs/pages/scale.md
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DETECTORS = {
 SIZES = (10_000, 100_000, 1_000_000)
 FEATURES, INPUTS, REFERENCE, CLASSES = 128, 784, 10_000, 10
 FLIPS = {4: 8, 8: 4, 6: 9, 9: 6}
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "pages"
 MARK = "<!-- scale benchmark table -->"
 END_TO_END_MARK = "<!-- end-to-end scale table -->"
 
@@ -158,7 +158,7 @@ def plot(results: dict[tuple[str, int], dict], sizes: list[int], path: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/scale.md")
+    parser.add_argument("--no-doc", action="store_true", help="print the table without writing docs/pages/scale.md")
     parser.add_argument("--one", nargs=2, metavar=("DETECTOR", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end", action="store_true", help="train at 100k samples with and without the filter")
     parser.add_argument("--epochs", type=int, default=20)

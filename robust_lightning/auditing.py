@@ -25,6 +25,7 @@ from robust_lightning.detectors import (
     detection_quality,
 )
 from robust_lightning.detectors.base import any_needs
+from robust_lightning.report.audit_report import write_audit_report
 from robust_lightning.report.flagged import write_flagged
 
 # A trained model has memorised its labels, so each detector judges out of sample or against the trusted split:
@@ -59,6 +60,7 @@ def audit(
     input_key: Key | None = None,
     target_key: Key | None = None,
     accelerator: str = "auto",
+    title: str = "Audit report",
 ) -> Audit:
     """Flag the training samples of ``datamodule`` that ``model``, already trained, gives away as poisoned.
 
@@ -66,7 +68,8 @@ def audit(
     :class:`~robust_lightning.callbacks.PoisonFilter`), then the detectors, joined by ``rule``: no
     training, where confident learning needs out-of-sample probabilities from K extra trainings.
     The model's weights and mode are left as they were. With ``dirpath``, ``flagged.csv`` (id,
-    label, score, detector) is written there.
+    label, score, detector) and the report (``report.html``: flags per detector and per class, the
+    score histogram and the most suspicious samples) are written there.
 
     Args:
         model: the trained module; its ``forward(x)`` returns logits.
@@ -74,9 +77,12 @@ def audit(
             :class:`~robust_lightning.RobustDataModule` (with a drill, the audit is scored against it).
         detectors: names of :data:`~robust_lightning.detectors.DETECTORS` or instances.
         rule: "any", "majority" or "all".
-        dirpath: where ``flagged.csv`` goes; nothing is written without it.
-        layer, input_key, target_key: as for PoisonFilter.
+        dirpath: where ``flagged.csv`` and the report go; nothing is written without it.
+        layer: the submodule whose input is the feature vector, as for PoisonFilter.
+        input_key: where the inputs are in a batch, as for PoisonFilter.
+        target_key: where the labels are in a batch, as for PoisonFilter.
         accelerator: where the pass runs, as for a Trainer.
+        title: the report's heading.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -113,6 +119,7 @@ def audit(
     labels, decision = auditor.result
     if dirpath is not None:
         write_flagged(Path(dirpath) / "flagged.csv", decision, labels)
+        write_audit_report(decision, labels, data, model, Path(dirpath), title, input_key, target_key)
     quality = None if data.poison_mask is None else detection_quality(decision.flags, data.poison_mask)
     return Audit(labels, decision, quality)
 

@@ -5,18 +5,31 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from robust_lightning.callbacks import PerClassMetrics, PoisonFilter, RobustEvaluation, RobustLoss, RunReport
+from robust_lightning.attacks import InputBounds
+from robust_lightning.auditing import audit
+from robust_lightning.callbacks import (
+    EpochLines,
+    PerClassMetrics,
+    PoisonFilter,
+    RobustEvaluation,
+    RobustLoss,
+    RunReport,
+)
 from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.data import RobustDataModule
 from robust_lightning.data.validation import split_dataset
@@ -28,6 +41,8 @@ log = logging.getLogger(__name__)
 KNOWN_KEYS = {
     "purpose",
     "seed",
+    "mode",
+    "ckpt_path",
     "num_classes",
     "data",
     "model",
@@ -79,9 +94,16 @@ def check_keys(cfg: DictConfig) -> None:
         raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(KNOWN_KEYS)}.")
 
 
+MODES = ("train", "test", "audit")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and test the configured run; return its test metrics. Writes into ``run_dir``."""
+    """Train and test, test or audit the configured run; return its test metrics or audit figures.
+
+    Writes into ``run_dir``.
+    """
     check_keys(cfg)
+    _check_mode(cfg)
     seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     _take_num_classes(cfg, data)
@@ -90,19 +112,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     poison = instantiate(cfg.poison) if cfg.get("poison") else None
     datamodule = RobustDataModule(data, poison=poison, num_classes=cfg.num_classes, **cfg.robust)
     model = instantiate(cfg.model)
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    if cfg.get("filter"):
-        callbacks += _filter_callbacks(cfg.filter)
-    if cfg.get("loss"):
-        callbacks.append(RobustLoss(instantiate(cfg.loss)))
-    if cfg.get("adversarial"):
-        callbacks += [instantiate(callback) for callback in cfg.adversarial.values()]
-    callbacks.append(RunReport(run_dir, title=f"robust-lightning run report: {_recipe_name()}"))
+    if cfg.mode == "audit":
+        return _audit(model, datamodule, cfg.ckpt_path, run_dir)
+    callbacks = _training_callbacks(cfg) if cfg.mode == "train" else _evaluation_callbacks(cfg, datamodule)
+    title, config = f"robust-lightning {cfg.mode} report: {_recipe_name()}", OmegaConf.to_yaml(cfg, resolve=True)
+    callbacks.append(RunReport(run_dir, title=title, config=config))
+    callbacks += _progress_bar(cfg)
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger) if cfg.get("logger") else False
     )
-    trainer.fit(model, datamodule=datamodule)
-    results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if cfg.mode == "train":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    else:
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)[0]
     if isinstance(poison, BackdoorTrigger) and trainer.is_global_zero:
         # Under ddp_spawn the parent holds the trained weights too: Lightning copies them back.
         results["test/attack_success_rate"] = poison.attack_success_rate(
@@ -111,6 +134,69 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
+    return results
+
+
+def _check_mode(cfg: DictConfig) -> None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is not a mode: use one of {', '.join(MODES)}.")
+    if cfg.mode != "train" and not cfg.ckpt_path:
+        raise ValueError(f"mode={cfg.mode} reads a trained checkpoint: add ckpt_path=PATH, or ckpt_path=last.")
+
+
+def _training_callbacks(cfg: DictConfig) -> list:
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    if cfg.get("filter"):
+        callbacks += _filter_callbacks(cfg.filter)
+    if cfg.get("loss"):
+        callbacks.append(RobustLoss(instantiate(cfg.loss)))
+    if cfg.get("adversarial"):
+        callbacks += [instantiate(callback) for callback in cfg.adversarial.values()]
+    return callbacks
+
+
+def _evaluation_callbacks(cfg: DictConfig, datamodule: RobustDataModule) -> list:
+    """The run's callbacks that measure, with a PGD evaluation (RobustEvaluation's defaults) if it has none."""
+    # No checkpointing: nothing trains.
+    callbacks = [c for c in map(instantiate, cfg.callbacks.values()) if not isinstance(c, Checkpoint)]
+    if cfg.get("adversarial"):
+        callbacks += [
+            callback
+            for callback in map(instantiate, cfg.adversarial.values())
+            if isinstance(callback, RobustEvaluation)
+        ]
+    if not any(isinstance(callback, RobustEvaluation) for callback in callbacks):
+        callbacks.append(RobustEvaluation(cfg.num_classes, bounds=_evaluation_bounds(datamodule)))
+    return callbacks
+
+
+def _progress_bar(cfg: DictConfig) -> list:
+    """Lightning's Rich bar on a terminal; one line per epoch in a log file, under nohup or in CI."""
+    if not cfg.trainer.get("enable_progress_bar", True):
+        return []
+    return [RichProgressBar() if sys.stdout.isatty() else EpochLines()]
+
+
+def _evaluation_bounds(datamodule: RobustDataModule) -> InputBounds:
+    """[0, 1] for inputs that live there, as images do; otherwise each feature's range in the training data."""
+    seen = InputBounds.from_data(datamodule)
+    return InputBounds() if seen.low.min() >= 0 and seen.high.max() <= 1 else seen
+
+
+def _audit(model: Any, datamodule: RobustDataModule, ckpt_path: str, run_dir: Path) -> dict[str, Any]:
+    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+    found = audit(model, datamodule, dirpath=run_dir, title=f"robust-lightning audit report: {_recipe_name()}")
+    flagged = int(found.flags.sum())
+    results = {"flagged": flagged, "samples": len(found.labels), **(found.quality or {})}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    line = f"The audit of {ckpt_path} flagged {flagged} of {len(found.labels)} training samples"
+    if found.quality is not None:
+        quality = found.quality
+        line += (
+            f": precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, F1 {quality['f1']:.2f} "
+            "against the drill"
+        )
+    print("\n".join([f"{line}.", *_folder_lines(run_dir)]))
     return results
 
 
@@ -175,13 +261,17 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
         for c in callbacks
         if isinstance(c, RobustLoss)
     ]
+    return "\n".join(lines + _folder_lines(run_dir))
+
+
+def _folder_lines(run_dir: Path) -> list[str]:
     files = sorted(
         str(p.relative_to(run_dir)) for p in run_dir.glob("*") if p.is_file() or p.name in ("checkpoints", "report")
     )
-    lines += [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
+    lines = [f"Run folder: {run_dir.resolve()}", "  " + "  ".join(files)]
     if (run_dir / "report.html").exists():
         lines.append(f"Report with plots: {(run_dir / 'report.html').resolve()}")
-    return "\n".join(lines)
+    return lines
 
 
 def _filter_lines(filter_: PoisonFilter | None) -> list[str]:
@@ -207,6 +297,7 @@ def _quiet_startup() -> None:
     package_logger.propagate = True
     # Hydra writes .hydra/ and cli.log into the run folder before the CSV logger adds metrics.csv there.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which build of faiss it loaded
     # Raised inside Lightning under recent torch; nothing a user of this command can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -217,13 +308,84 @@ def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     recipe = hydra_cfg.runtime.choices.get("recipe")
     log.info("Recipe %s: %s", recipe, cfg.purpose)
+    if cfg.mode == "test":  # it tests the weights; the training callbacks' state has no use here
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
     run(cfg, Path(hydra_cfg.runtime.output_dir))
 
 
 def main() -> None:
     """Entry point of the ``robust-lightning`` console script."""
     register_recipes()
+    sys.argv = checkpoint_arguments(sys.argv)
     _hydra_main()
+
+
+# Kept from a checkpoint's run: what the new command line says instead.
+_NOT_CARRIED = ("ckpt_path", "mode", "hydra.run.dir")
+
+
+def checkpoint_arguments(argv: list[str]) -> list[str]:
+    """With ``ckpt_path=``, the command line of the checkpoint's own run, then this one's overrides.
+
+    Hydra picks the run folder before the app starts, so a resumed run can only continue in its
+    own folder (metrics.csv and the report then cover the whole run) if the command line says so:
+    ``hydra.run.dir`` becomes the checkpoint's run folder (a ``test`` or ``audit`` subfolder of it
+    for those modes), and the run's saved overrides come first, so that the data, the drill and the
+    callbacks are the ones the checkpoint was trained with. A checkpoint from outside a run folder
+    keeps the command line as it is, with the path made absolute.
+    """
+    given = dict(arg.split("=", 1) for arg in argv[1:] if "=" in arg and not arg.startswith("-"))
+    # Lightning starts DDP's other processes with the rewritten command line: take it as it is.
+    if "ckpt_path" not in given or given.get("hydra.job.name", "").startswith("train_ddp_process_"):
+        return argv
+    checkpoint = _find_checkpoint(given["ckpt_path"], given.get("hydra.run.dir"))
+    folder = checkpoint.parent.parent
+    saved = folder / ".hydra" / "overrides.yaml"
+    ours = [arg for arg in argv[1:] if not arg.startswith(("ckpt_path=", "hydra.run.dir="))]
+    if not saved.is_file():
+        return [argv[0], *ours, f"ckpt_path={checkpoint}"]
+    earlier, ours = _drop_removed(
+        [arg for arg in yaml.safe_load(saved.read_text()) if _key(arg) not in _NOT_CARRIED], ours
+    )
+    mode = given.get("mode", "train")
+    run_dir = folder if mode == "train" else folder / mode
+    flags = next((i for i, arg in enumerate(ours) if "=" in arg and not arg.startswith("-")), len(ours))
+    # Overrides after the flags (--config-dir DIR ...): argparse takes one block of them.
+    return [argv[0], *ours[:flags], *earlier, f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}", *ours[flags:]]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _drop_removed(earlier: list[str], ours: list[str]) -> tuple[list[str], list[str]]:
+    """Our ``~KEY`` takes an earlier run's ``+KEY=...`` out of its list, since Hydra deletes before it adds."""
+    removed = {arg[1:] for arg in ours if arg.startswith("~")}
+    added = {_key(arg) for arg in earlier if arg.startswith("+") and _key(arg) in removed}
+    return (
+        [arg for arg in earlier if _key(arg) not in removed],
+        [arg for arg in ours if not (arg.startswith("~") and arg[1:] in added)],
+    )
+
+
+def _find_checkpoint(value: str, run_dir: str | None) -> Path:
+    if value != "last":
+        path = Path(value)
+        if not path.is_file():
+            sys.exit(
+                f"robust-lightning: ckpt_path={value}: no such checkpoint. Give a .ckpt file, such as "
+                "runs/<time>/checkpoints/last.ckpt, or ckpt_path=last for the newest run's last checkpoint."
+            )
+        return path.resolve()
+    found = (
+        [Path(run_dir) / "checkpoints" / "last.ckpt"]
+        if run_dir
+        else sorted(Path("runs").glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    )
+    if not found or not found[-1].is_file():
+        where = f"{run_dir}/checkpoints/" if run_dir else "runs/*/checkpoints/"
+        sys.exit(f"robust-lightning: ckpt_path=last: there is no last.ckpt under {where}. Give the checkpoint's path.")
+    return found[-1].resolve()
 
 
 if __name__ == "__main__":

@@ -284,7 +284,9 @@ def test_bounds_from_the_training_inputs_fit_tabular_features_and_the_attack_sta
     data = Tabular(shuffle=False)
     bounds = InputBounds.from_data(data)
     data.setup("fit")
-    assert torch.equal(bounds.low, data.train_set.x.amin(0))
+    data.setup("test")
+    splits = torch.cat([data.train_set.x, data.val_set.x, data.test_set.x])
+    assert torch.equal(bounds.low, splits.amin(0)), "every split's inputs inside the bounds"
     assert bool((bounds.high > bounds.low).all())
     seen, clean = train(Classifier(), data, [AdversarialTraining("pgd", eps=EPS, steps=2, bounds=bounds)])
     assert bool((seen >= bounds.low - 1e-5).all() and (seen <= bounds.high + 1e-5).all())

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import check_report
+from helpers import ReportPage, check_report
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from robust_lightning.cli import CONFIG_DIR, register_recipes, run
 
 SCRIPT = shutil.which("robust-lightning", path=str(Path(sys.executable).parent)) or shutil.which("robust-lightning")
 FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -26,7 +31,7 @@ def run_folder(stdout: str) -> Path:
 
 
 def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(tmp_path):
-    result = cli(*FAST, cwd=tmp_path)
+    result = cli(*FAST, "filter.poison_filter.start_epoch=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Data summary (samples per class):" in out
@@ -46,7 +51,11 @@ def test_the_default_recipe_prints_the_per_class_table_and_fills_the_run_folder(
     assert "val/recall/4" in metrics_csv[0] and "test/f1/macro" in metrics_csv[0]
     assert (folder / "checkpoints" / "last.ckpt").stat().st_size > 0
     assert f"Report with plots: {folder / 'report.html'}" in out
-    assert {"per_class_accuracy.png", "confusion.png", "drift.png"} <= check_report(folder)
+    figures = {"training_curves.png", "per_class_accuracy.png", "confusion.png", "drift.png", "suspicious_samples.png"}
+    assert figures <= check_report(folder)
+    headings = ReportPage((folder / "report.html").read_text()).headings
+    assert headings[:2] == ["Summary", "Loss and accuracy"] and headings[-1] == "Configuration"
+    assert {"Poisoned-sample filter: scores", "Most suspicious training samples", "Drift"} <= set(headings)
     hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
     assert hparams["batch_size"] == 64 and hparams["lr"] == 0.003, "the wrapped datamodule's hparams are logged"
 
@@ -73,10 +82,38 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
         assert line in result.stdout
 
 
-def test_another_recipe_runs(tmp_path):
-    result = cli("recipe=digits_clean", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+def test_another_recipe_runs_logging_to_tensorboard_with_one_line_per_epoch_in_a_log(tmp_path):
+    result = cli("recipe=digits_clean", "trainer.max_epochs=2", "logger=tensorboard", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Test results per class (%):" in result.stdout and "poisoned in train" not in result.stdout
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"] and "val/acc" in epochs[0]
+    assert "\r" not in result.stdout + result.stderr, "no progress bar redrawn in a log"
+    assert list((run_folder(result.stdout) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epoch=1", "Key 'max_epoch' is not in struct"),
+        ("+filter._target_=robust_lightning.callbacks.PoisonFilter", "it is now a set of named ones"),
+    ],
+)
+def test_the_command_prints_a_clear_message_for_a_mistake(tmp_path, override, message):
+    result = cli(*override.split(), *FAST, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+def compose_and_run(overrides: list[str], run_dir: Path) -> dict:
+    """The command's config and run in this process: each mistake checked without starting Python again."""
+    register_recipes()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        return run(cfg, run_dir)
 
 
 @pytest.mark.parametrize(
@@ -90,12 +127,16 @@ def test_another_recipe_runs(tmp_path):
         ("loss=gce loss.q=0", "q must lie in (0.0, 1.0], got 0"),
         ("adversarial=pgd adversarial.training.eps=-0.1", "eps must be a positive finite number, got -0.1"),
         ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
+        ("mode=tset", "mode='tset' is not a mode: use one of train, test, audit."),
+        ("mode=test", "mode=test reads a trained checkpoint: add ckpt_path=PATH"),
     ],
 )
 def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
-    result = cli(*override.split(), *FAST, cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+    # Hydra, OmegaConf and our own checks each raise their own type: the message is what the user reads.
+    with pytest.raises(Exception) as raised:
+        compose_and_run([*override.split(), *FAST], tmp_path)
+    text = str(raised.value) + str(raised.value.__cause__ or "")
+    assert message in text, text
 
 
 @pytest.mark.slow
@@ -117,7 +158,14 @@ def test_the_filtering_recipes_run_under_two_process_ddp(tmp_path, recipe):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["digits_backdoor", "digits_sym40", "digits_sym40_elr", "digits_sym40 filter=exclude_only"]
+    "recipe",
+    [
+        "digits_backdoor",
+        *(
+            pytest.param(r, marks=pytest.mark.slow)
+            for r in ("digits_sym40", "digits_sym40_elr", "digits_sym40 filter=exclude_only")
+        ),
+    ],
 )
 def test_the_filtering_recipes_run_the_filter_and_report_it(tmp_path, recipe):
     fast = ["trainer.max_epochs=3", "filter.poison_filter.start_epoch=2", "trainer.enable_progress_bar=false"]
@@ -138,6 +186,7 @@ def test_a_robust_loss_set_directly_as_the_models_criterion(tmp_path):
     assert targets.shape == (1293, 10) and (targets.sum(1) > 0).all(), "every sample's target, from the ids"
 
 
+@pytest.mark.slow
 def test_the_loss_sweep_writes_one_summary_table(tmp_path):
     sweep = ["-m", "recipe=digits_loss_sweep", "loss=ce,gce", "poison.rate=0.2,0.6"]
     result = cli(*sweep, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
@@ -152,7 +201,7 @@ def test_the_loss_sweep_writes_one_summary_table(tmp_path):
     assert rows[0].startswith("loss,poison.rate,test/acc") and len(rows) == 5
 
 
-@pytest.mark.parametrize("recipe", ["digits_pgd_at", "digits_trades"])
+@pytest.mark.parametrize("recipe", ["digits_pgd_at", pytest.param("digits_trades", marks=pytest.mark.slow)])
 def test_the_adversarial_recipes_report_robust_accuracy_per_class(tmp_path, recipe):
     result = cli(f"recipe={recipe}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -163,6 +212,7 @@ def test_the_adversarial_recipes_report_robust_accuracy_per_class(tmp_path, reci
     assert results["test/robust_accuracy/macro"] < results["test/accuracy/macro"]
 
 
+@pytest.mark.slow
 def test_the_regularization_recipes_run(tmp_path):
     fast = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     result = cli("recipe=digits_injection", *fast, cwd=tmp_path)
@@ -189,6 +239,7 @@ def test_the_ddp_cpu_trainer_config_runs_plain_ddp_into_one_run_folder(tmp_path)
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["strategy"] == "ddp"
 
 
+@pytest.mark.slow
 def test_own_data_from_a_config_dir_takes_num_classes_from_the_datamodule(tmp_path):
     (tmp_path / "conf" / "data").mkdir(parents=True)
     (tmp_path / "conf" / "data" / "mine.yaml").write_text(

@@ -129,6 +129,7 @@ def resumes_exactly(tmp_path, devices):
         assert resumed[0][key] == whole[0][key], key
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_state_as_an_uninterrupted_one(tmp_path):
     resumes_exactly(tmp_path, devices=1)
 

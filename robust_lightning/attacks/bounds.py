@@ -8,10 +8,12 @@ is measured in units of the range (pixel units for images, a fraction of each fe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 TOLERANCE = 1e-5  # float rounding of a normalization, not a real excursion
@@ -21,8 +23,9 @@ class InputBounds:
     """Per-element ``low`` and ``high`` of valid inputs, broadcastable to one sample.
 
     Args:
-        low, high: numbers, or tensors shaped like (a broadcastable view of) one sample, e.g.
+        low: a number, or a tensor shaped like (a broadcastable view of) one sample, e.g.
             ``(C, 1, 1)`` per channel or ``(F,)`` per feature.
+        high: the same for the upper bound.
 
     Example:
         >>> bounds = InputBounds.normalized(mean=[0.5], std=[0.25])
@@ -53,24 +56,24 @@ class InputBounds:
 
     @classmethod
     def from_data(cls, datamodule: Any, input_key: Any = None) -> InputBounds:
-        """Per-element bounds from the training inputs: the least and the greatest value each element takes.
+        """Per-element bounds from the data: the least and the greatest value each element takes.
 
         For tabular or normalized inputs whose range is not known up front. Reads the datamodule's
-        training loader once (its ``setup("fit")`` first); an element that never varies gets a
-        span of 1e-6 around its value.
+        training, validation and test loaders once each (those it has), so that no input the run
+        evaluates lies outside the bounds; an element that never varies gets a span of 1e-6 around
+        its value.
         """
         from robust_lightning.data.fields import get_field, resolve_key  # data imports attacks, not the reverse
 
         datamodule = getattr(datamodule, "datamodule", datamodule)  # a RobustDataModule: the user's own
-        datamodule.setup("fit")
         low = high = None
-        for batch in datamodule.train_dataloader():
+        for batch in _batches(datamodule):
             x = torch.as_tensor(get_field(batch, resolve_key(batch, input_key, "input"))).float()
             least, greatest = x.amin(0), x.amax(0)
             low = least if low is None else torch.minimum(low, least)
             high = greatest if high is None else torch.maximum(high, greatest)
         if low is None:
-            raise ValueError("InputBounds.from_data read no training batch: the training loader is empty.")
+            raise ValueError("InputBounds.from_data read no batch: the datamodule's loaders are empty.")
         return cls(low, torch.where(high > low, high, low + 1e-6))
 
     def to(self, device: torch.device | str) -> InputBounds:
@@ -111,3 +114,13 @@ class UnitBoxModel(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         return self.model(self.bounds.from_unit(u).to(u.dtype))
+
+
+def _batches(datamodule: Any) -> Iterator[Any]:
+    """Every batch of the training, validation and test loaders that the datamodule defines."""
+    datamodule.setup("fit")
+    for split in ("train", "val", "test"):
+        if split == "test":
+            datamodule.setup("test")
+        if is_overridden(f"{split}_dataloader", datamodule, LightningDataModule):
+            yield from getattr(datamodule, f"{split}_dataloader")()

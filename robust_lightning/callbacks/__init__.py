@@ -5,6 +5,7 @@ from robust_lightning.callbacks.class_balance import ClassBalance
 from robust_lightning.callbacks.cutmix import CutMix
 from robust_lightning.callbacks.drift_monitor import DriftMonitor
 from robust_lightning.callbacks.ema_weights import EMAWeights
+from robust_lightning.callbacks.epoch_lines import EpochLines
 from robust_lightning.callbacks.mixup import Mixup
 from robust_lightning.callbacks.per_class_metrics import PerClassMetrics
 from robust_lightning.callbacks.poison_filter import PoisonFilter
@@ -19,6 +20,7 @@ __all__ = [
     "CutMix",
     "DriftMonitor",
     "EMAWeights",
+    "EpochLines",
     "Mixup",
     "PerClassMetrics",
     "PoisonFilter",

@@ -53,13 +53,15 @@ class AdversarialTraining(SeededCallback):
             ``"pgd_l2"``, ``"trades"``, or ``factory(model, eps) -> torchattacks attack``.
         eps: the radius, in units of the input range (pixel units for images in [0, 1] or
             normalized ones, a fraction of each feature's span for ``InputBounds(low, high)``).
-        steps, alpha: iterations and step size of the iterative attacks (alpha defaults to eps/4).
+        steps: iterations of the iterative attacks.
+        alpha: their step size; eps/4 by default.
         fraction: the share of each batch made adversarial.
         start_epoch: train clean before this epoch.
         warmup_epochs: from ``start_epoch``, grow eps linearly to its full value over this many epochs.
         bounds: where valid inputs live; default [0, 1]. Inputs outside are refused, not clamped.
         beta: the weight of TRADES' term.
-        input_key, target_key: where the inputs and labels are in a batch; found by convention by default.
+        input_key: where the inputs are in a batch; found by convention by default.
+        target_key: where the labels are in a batch; found by convention by default.
         attr: the module's loss attribute, to which ``attack="trades"`` adds its term.
 
     Example:

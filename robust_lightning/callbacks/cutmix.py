@@ -19,7 +19,8 @@ class CutMix(BatchMixing):
     Args:
         alpha: of the Beta distribution; the paper uses 1.
         attr: the module's loss attribute.
-        input_key, target_key: where inputs and labels are in a batch.
+        input_key: where the inputs are in a batch.
+        target_key: where the labels are in a batch.
 
     Example:
         >>> from lightning.pytorch import Trainer

@@ -70,7 +70,8 @@ class DriftMonitor(Callback):
         every_n_epochs: how often, in validation epochs, to test.
         layer: name of the submodule whose output is the embedding; by default the input of the
             classifier head, as in :class:`~robust_lightning.callbacks.PoisonFilter`.
-        input_key, target_key: where inputs and labels are in a batch.
+        input_key: where the inputs are in a batch.
+        target_key: where the labels are in a batch.
         seed: seeds the reference sample, the projection, the subsets and the permutations.
 
     Example:

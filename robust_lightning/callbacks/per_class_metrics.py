@@ -106,8 +106,9 @@ class PerClassMetrics(Callback):
     Args:
         num_classes: number of classes.
         class_names: names used in the logged keys; defaults to ``"0"``, ``"1"``, ...
-        input_key, target_key: where inputs and labels are in a batch; by default positions 0 and 1
-            of a tuple or list, or conventional dict keys such as ``"image"`` and ``"label"``.
+        input_key: where the inputs are in a batch; by default position 0 of a tuple or list, or a
+            conventional dict key such as ``"image"``.
+        target_key: where the labels are in a batch; by default position 1, or a key such as ``"label"``.
         alert_margin: the drop in recall or precision from its best that raises an alert; None: no such alert.
         share_margin: the relative gap between a class's prediction and label shares that raises an
             alert; None: no such alert.

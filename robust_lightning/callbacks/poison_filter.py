@@ -47,10 +47,10 @@ ACTIONS = ("exclude", "report", "weight")
 RESTARTS = ("head", "model", None)
 # Confirm with precision (a model that never trained on the excluded samples judges them), screen with recall.
 # Both look for triggers in the inputs too: one triggered sample whose features pass is enough to
-# bring a backdoor back (docs/filtering.md, "On seeds it was not tuned on").
+# bring a backdoor back (docs/pages/filtering.md, "On seeds it was not tuned on").
 DEFAULT_DETECTORS = (SpectralSignatures(z=5.0), KNNLabelConsistency(k=10, agreement=0.2), InputSpectralSignatures())
 # The screen judges labels out of sample (LinearProbe): the screen before it held out up to three times as many
-# clean samples for the ten epochs after the restart (docs/filtering.md, "What changed: the screen judges labels
+# clean samples for the ten epochs after the restart (docs/pages/filtering.md, "What changed: the screen judges labels
 # out of sample").
 DEFAULT_SCREEN = (LinearProbe(ridge=10.0), SpectralSignatures(z=3.0), InputSpectralSignatures())
 
@@ -78,7 +78,7 @@ class PoisonFilter(Callback):
     Features come from a forward hook on the input of the model's classifier head (see
     :func:`~robust_lightning.callbacks.embedding.head_input`: the pooled features of a CNN), or on
     the output of ``layer``; logits are the output of ``forward``. No extra training run. Every
-    detector costs time and memory linear in the number of samples (docs/scale.md).
+    detector costs time and memory linear in the number of samples (docs/pages/scale.md).
 
     **Screen, restart, confirm.** Once the model has trained ``start_epoch`` epochs, the ``screen``
     detectors, tuned for recall, flag suspects. A model keeps what it learned from them (a
@@ -91,7 +91,7 @@ class PoisonFilter(Callback):
       the start of fit and the optimizer forgets its running state (Adam's moments); the feature
       layers, the learning rates, the schedules and the run's length go on. The head is where a trigger's label and memorised flips are kept: on
       the digits a head restart removes the backdoor as a full restart does, at no extra epochs
-      (docs/filtering.md). In a deep network a trigger can live in the features too: measure the
+      (docs/pages/filtering.md). In a deep network a trigger can live in the features too: measure the
       attack success rate, or restart the whole model.
     - ``restart="model"``: the weights, optimizer and schedulers go back to their state at the
       start of fit, and the run is extended by the epochs spent (``max_steps`` by the steps), so

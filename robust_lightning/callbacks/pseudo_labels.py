@@ -42,7 +42,7 @@ class PseudoLabels(SeededCallback):
     unlearns the trigger. The excluded samples still never contribute their given labels.
     Before anything is excluded it does nothing. PoisonFilter's reclassification then judges held-out
     samples by a model trained toward its own confident answers on them: a clean sample it gets
-    confidently wrong stays out (measured in docs/filtering.md).
+    confidently wrong stays out (measured in docs/pages/filtering.md).
 
     For ``reduction="none"`` the term is added to every element, so that the mean of the result
     is the loss's mean plus the term; ``"sum"`` adds it times the batch size, keeping its weight

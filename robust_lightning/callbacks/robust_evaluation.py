@@ -34,7 +34,9 @@ class RobustEvaluation(PerClassMetrics):
             of :data:`~robust_lightning.attacks.ATTACKS`, ``"autoattack"`` (torchattacks' standard
             L-inf AutoAttack, slow), or a factory. Random starts are drawn per batch as in
             :class:`AdversarialTraining`; the global RNG is left as it was.
-        eps, steps, bounds: as for :class:`AdversarialTraining`.
+        eps: the attack's budget, as for :class:`AdversarialTraining`.
+        steps: the attack's iterations.
+        bounds: where valid inputs live, as for :class:`AdversarialTraining`.
 
     Example:
         >>> from lightning.pytorch import Trainer

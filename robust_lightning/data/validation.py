@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning_utilities.core.overrides import is_overridden
+from rich.progress import track
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from robust_lightning.data.fields import Key, get_field, resolve_key
 from robust_lightning.report.table import format_table
@@ -192,7 +192,8 @@ def scan_split(
     key = resolve_key(dataset[0], target_key, "target")
     checker = _SplitChecker(name, num_classes, key)
     labels, digests = [], []
-    for index in tqdm(range(length), desc=f"Checking {name} data", disable=not progress, leave=False, delay=1.0):
+    # rich draws on a terminal only, and leaves no line behind (transient): a log gets none.
+    for index in track(range(length), f"Checking {name} data", disable=not progress, transient=True):
         label, digest = checker.visit(index, dataset[index])
         labels.append(label)
         digests.append(digest)

@@ -58,7 +58,7 @@ def exclusionary_reclassification(logits: Tensor, labels: Tensor, held_out: Tens
     looser one for more. A poisoned label gets next to nothing from a model that never trained
     on it (a flipped digit is another digit; a trigger the model has not learned points nowhere),
     while an atypical digit gets a share of the vote: on the bundled digits this brings back most
-    of the clean samples that argmax kept out (docs/filtering.md).
+    of the clean samples that argmax kept out (docs/pages/filtering.md).
 
     >>> logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.8, 0.0], [0.0, 3.0, 0.0]])
     >>> held_out = torch.tensor([True, True, True, False])

@@ -54,7 +54,7 @@ class KNNLabelConsistency:
 
     Neighbours are searched among at most ``anchors`` training samples, drawn with a fixed seed:
     exact kNN on sets up to that size, and a round linear in N beyond (10,000 anchors keep a
-    1M-sample round under a minute on 2 CPU cores, docs/scale.md).
+    1M-sample round under a minute on 2 CPU cores, docs/pages/scale.md).
 
     Args:
         k: neighbours consulted.

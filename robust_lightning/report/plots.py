@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib import colormaps, rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 _DPI = 110
 
@@ -71,6 +71,7 @@ def per_class_accuracy(
     for epoch in restarts:
         axes.axvline(epoch, color="gray", linestyle="--", linewidth=1)
     axes.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Per-class validation accuracy")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend(ncol=2, fontsize=7, loc="lower right")
     axes.grid(alpha=0.3)
     return _save(figure, path)
@@ -99,7 +100,9 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[s
 
 
 @_literal_text
-def score_histogram(scores: np.ndarray, poisoned: np.ndarray | None, flagged: np.ndarray, path: Path) -> Path:
+def score_histogram(
+    scores: np.ndarray, poisoned: np.ndarray | None, flagged: np.ndarray, path: Path, title: str = "PoisonFilter scores"
+) -> Path:
     """Suspicion scores of the training samples; split by the drill's ground truth when there is one."""
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
@@ -110,8 +113,10 @@ def score_histogram(scores: np.ndarray, poisoned: np.ndarray | None, flagged: np
         axes.hist(scores[~poisoned], bins=bins, color="tab:blue", alpha=0.7, label="clean (ground truth)")
         axes.hist(scores[poisoned], bins=bins, color="tab:red", alpha=0.7, label="poisoned (ground truth)")
     if flagged.any():
-        axes.axvline(scores[flagged].min(), color="black", linestyle="--", label="lowest flagged score")
-    axes.set(xlabel="suspicion score", ylabel="training samples", title="PoisonFilter scores")
+        # Outlined, not a threshold line: the detectors flag on their own statistics, so flagged
+        # samples need not hold the highest combined scores.
+        axes.hist(scores[flagged], bins=bins, histtype="step", color="black", linewidth=1.5, label="flagged")
+    axes.set(xlabel="suspicion score", ylabel="training samples", title=title)
     _log_y(axes)
     axes.legend(fontsize=8)
     return _save(figure, path)
@@ -149,6 +154,31 @@ def robust_accuracy(
     axes.set_xticklabels(class_names)
     axes.legend(fontsize=8, loc="lower right")
     axes.grid(axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+@_literal_text
+def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
+    """Loss and accuracy across epochs: one panel each, a line per metric the run recorded.
+
+    Example:
+        >>> import tempfile
+        >>> history = [{"epoch": e, "train/loss": 1 / (e + 1), "val/acc": 0.5 + 0.1 * e} for e in range(3)]
+        >>> training_curves(history, Path(tempfile.mkdtemp()) / "c.png").exists()
+        True
+    """
+    figure = Figure(figsize=(10, 3.6))
+    for place, (kind, label) in enumerate((("loss", "loss"), ("acc", "accuracy")), start=1):
+        axes = figure.add_subplot(1, 2, place)
+        names = sorted({name for record in history for name in record if name != "epoch" and kind in name})
+        for name in names:
+            points = [(record["epoch"], record[name]) for record in history if name in record]
+            axes.plot(*zip(*points), marker=".", label=name)
+        axes.set(xlabel="epoch", ylabel=label, title=f"{label} across epochs")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if names:
+            axes.legend(fontsize=8)
     return _save(figure, path)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
-import html
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
@@ -18,6 +20,7 @@ from robust_lightning.callbacks.robust_evaluation import RobustEvaluation
 from robust_lightning.data.fields import get_field, resolve_key
 from robust_lightning.data.robust import RobustDataModule
 from robust_lightning.data.validation import split_dataset
+from robust_lightning.detectors import Decision
 from robust_lightning.poison import BackdoorTrigger
 from robust_lightning.report import plots
 
@@ -33,6 +36,11 @@ class Section:
     table: tuple[list[str], list[list[Any]]] | None = None
     bullets: list[str] = field(default_factory=list)
     figure: Path | None = None
+    code: str | None = None
+
+    @property
+    def anchor(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
 
 
 def _first(trainer: Trainer, kind: type, exact: bool = False) -> Any:
@@ -134,18 +142,29 @@ def _filter(filter_: PoisonFilter, trainer: Trainer, pl_module: LightningModule,
         scores, None if poisoned is None else poisoned.astype(bool), flags.astype(bool), folder / "filter_scores.png"
     )
     sections = [Section("Poisoned-sample filter: scores", text, (header, rows), figure=histogram)]
-    sections.append(_suspicious(filter_, datamodule, pl_module, folder))
+    sections.append(
+        suspicious(
+            filter_.scores, datamodule, pl_module, folder, filter_.input_key, filter_.target_key, filter_.decision
+        )
+    )
     return sections
 
 
 @torch.no_grad()
-def _suspicious(
-    filter_: PoisonFilter, datamodule: RobustDataModule, pl_module: LightningModule, folder: Path
+def suspicious(
+    scores: torch.Tensor,
+    datamodule: RobustDataModule,
+    pl_module: LightningModule,
+    folder: Path,
+    input_key: Any = None,
+    target_key: Any = None,
+    decision: Decision | None = None,
 ) -> Section:
-    order = torch.argsort(filter_.scores, descending=True)[:SUSPICIOUS_SHOWN].tolist()
+    """The training samples of the highest ``scores`` as a table (id, labels, score, detector); images also as a grid."""
+    order = torch.argsort(scores, descending=True)[:SUSPICIOUS_SHOWN].tolist()
     samples = [datamodule.training_sample(i) for i in order]
-    input_key = resolve_key(samples[0], filter_.input_key, "input")
-    target_key = resolve_key(samples[0], filter_.target_key, "target")
+    input_key = resolve_key(samples[0], input_key, "input")
+    target_key = resolve_key(samples[0], target_key, "target")
     inputs = torch.stack([torch.as_tensor(get_field(s, input_key)) for s in samples])
     was_training = pl_module.training
     pl_module.eval()
@@ -153,21 +172,29 @@ def _suspicious(
     pl_module.train(was_training)
     given = [int(get_field(s, target_key)) for s in samples]
     poisoned = datamodule.poison_mask
-    captions = [
-        f"#{i} {g}→{p}" + ("*" if poisoned is not None and poisoned[i] else "")
-        for i, g, p in zip(order, given, predicted)
-    ]
-    images = inputs.float().numpy()
-    images = images.reshape(len(images), 1, 1, -1) if images.ndim == 2 else images
-    title = "Most suspicious training samples: #id given→predicted" + (
-        " (* poisoned by the drill)" if poisoned is not None else ""
-    )
-    figure = plots.sample_grid(images, captions, title, folder / "suspicious_samples.png")
-    return Section(
+    header = ["id", "given label", "predicted", "score"]
+    columns = [order, given, predicted, [f"{float(scores[i]):.4g}" for i in order]]
+    if decision is not None:
+        header.append("flagged by")
+        columns.append([source or "-" for source in decision.sources(torch.tensor(order))])
+    if poisoned is not None:
+        header.append("poisoned by the drill")
+        columns.append(["yes" if poisoned[i] else "no" for i in order])
+    section = Section(
         "Most suspicious training samples",
         [f"The {len(order)} highest suspicion scores, highest first."],
-        figure=figure,
+        (header, [list(row) for row in zip(*columns)]),
     )
+    if inputs.ndim >= 3:  # images: a grid is worth looking at; a feature vector is not
+        captions = [
+            f"#{i} {g}→{p}" + ("*" if poisoned is not None and poisoned[i] else "")
+            for i, g, p in zip(order, given, predicted)
+        ]
+        title = "#id given→predicted" + (" (* poisoned by the drill)" if poisoned is not None else "")
+        images = inputs.float().numpy()
+        images = images[:, None] if images.ndim == 3 else images  # (N, H, W): one channel
+        section.figure = plots.sample_grid(images, captions, title, folder / "suspicious_samples.png")
+    return section
 
 
 def _drift(monitor: DriftMonitor, folder: Path) -> Section | None:
@@ -190,10 +217,21 @@ def _drift(monitor: DriftMonitor, folder: Path) -> Section | None:
     return Section("Drift", text, (header, rows), figure=figure)
 
 
-def report_sections(trainer: Trainer, pl_module: LightningModule, folder: Path) -> list[Section]:
+def report_sections(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    folder: Path,
+    config: str | None = None,
+    history: Sequence[dict[str, float]] = (),
+) -> list[Section]:
     """Every section the run's callbacks have evidence for; figures are drawn into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     sections = [_summary(trainer, pl_module)]
+    if history:
+        figure = plots.training_curves(history, folder / "training_curves.png")
+        sections.append(
+            Section("Loss and accuracy", ["The mean training loss of each epoch, and what was logged."], figure=figure)
+        )
     metrics = _first(trainer, PerClassMetrics, exact=True)
     if metrics is not None:
         sections += _per_class(metrics, folder)
@@ -206,13 +244,19 @@ def report_sections(trainer: Trainer, pl_module: LightningModule, folder: Path) 
     monitor = _first(trainer, DriftMonitor)
     if monitor is not None:
         sections.append(_drift(monitor, folder))
+    if config is not None:
+        sections.append(Section("Configuration", ["The run's resolved configuration."], code=config))
     return [section for section in sections if section is not None]
 
 
 # --------------------------------------------------------------------------------------- rendering
 def _md(value: Any) -> str:
-    """Text as Markdown shows it literally: no raw HTML, and no ``|`` that would split a table cell."""
-    return html.escape(str(value), quote=False).replace("|", "\\|")
+    """Text as Markdown shows it literally: backslash escapes for markup, raw HTML and the ``|`` of table cells.
+
+    Backslash escapes read as the characters themselves in the file too, where HTML entities
+    (``&lt;``) would show as entities.
+    """
+    return re.sub(r"([\\`*|<>\[\]])", r"\\\1", str(value))
 
 
 def render_markdown(title: str, sections: list[Section], root: Path) -> str:
@@ -226,45 +270,27 @@ def render_markdown(title: str, sections: list[Section], root: Path) -> str:
             lines += ["| " + " | ".join(map(_md, row)) + " |" for row in rows]
             lines.append("")
         lines += [f"- {_md(bullet)}" for bullet in section.bullets] + ([""] if section.bullets else [])
+        if section.code is not None:
+            lines += ["```yaml", section.code.rstrip(), "```", ""]
         if section.figure is not None:
             lines += [f"![{_md(section.title)}]({section.figure.relative_to(root).as_posix()})", ""]
     return "\n".join(lines)
 
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; line-height: 1.4; }
-h1 { border-bottom: 2px solid #444; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; } th { background: #f0f0f0; }
-td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 0.8em; color: #666; }
-"""
+# Jinja2 escapes every value by default: titles, labels and cells cannot inject markup.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("robust_lightning.report", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    undefined=jinja2.StrictUndefined,
+)
+_TEMPLATES.filters["embed"] = lambda figure, root: base64.b64encode(figure.read_bytes()).decode()
+_TEMPLATES.filters["relative"] = lambda figure, root: figure.relative_to(root).as_posix()
 
 
 def render_html(title: str, sections: list[Section], root: Path) -> str:
     """One HTML file that carries its figures inline (base64), so it can be mailed or archived alone."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
-    parts += [f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        parts.append(f"<h2>{html.escape(section.title)}</h2>")
-        parts += [f"<p>{html.escape(line)}</p>" for line in section.text]
-        if section.table is not None:
-            header, rows = section.table
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-            parts.append("</table>")
-        if section.bullets:
-            parts.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in section.bullets) + "</ul>")
-        if section.figure is not None:
-            name = section.figure.relative_to(root).as_posix()
-            data = base64.b64encode(section.figure.read_bytes()).decode()
-            parts.append(
-                f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(section.title)}' "
-                f"data-file='{html.escape(name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
-            )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return _TEMPLATES.get_template("report.html.j2").render(title=title, sections=sections, root=root)
 
 
 def write_report(
@@ -272,6 +298,8 @@ def write_report(
     pl_module: LightningModule | None = None,
     dirpath: str | Path | None = None,
     title: str = "Run report",
+    config: str | None = None,
+    history: Sequence[dict[str, float]] = (),
 ) -> Path:
     """Write ``report.md``, ``report.html`` and the figures under ``report/`` into ``dirpath``; return the HTML's path.
 
@@ -279,7 +307,11 @@ def write_report(
     """
     pl_module = pl_module if pl_module is not None else trainer.lightning_module
     root = Path(dirpath if dirpath is not None else (trainer.log_dir or trainer.default_root_dir))
-    sections = report_sections(trainer, pl_module, root / "report")
+    return write_sections(report_sections(trainer, pl_module, root / "report", config, history), root, title)
+
+
+def write_sections(sections: list[Section], root: Path, title: str) -> Path:
+    """``report.md`` and ``report.html`` of ``sections`` (their figures drawn under ``root/report``)."""
     drawn = {section.figure for section in sections if section.figure is not None}
     for stale in set((root / "report").glob("*.png")) - drawn:  # a figure an earlier write drew, this one not
         stale.unlink()
