@@ -14,6 +14,8 @@ from robust_lightning.detectors.base import Detection, Signals, chunks
 LEAF = 2048
 # Trees, each split along other random directions: a close pair is missed only when every tree separates it.
 TREES = 2
+# Leaves per node at the last, multi-way split of a tree.
+FANOUT = 8
 
 
 def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
@@ -26,8 +28,9 @@ def near_duplicates(x: Tensor, ratio: float = 0.4) -> Detection:
 
     Up to 2,048 samples the search is exact. Beyond, each of two random-projection trees (Dasgupta
     & Freund, "Random projection trees and low dimensional manifolds", STOC 2008) splits the
-    samples at the median of a seeded random direction, level by level, into leaves of at most
-    2,048, and each sample is compared exactly with the others of its leaf: O(N log N) in all. A
+    samples at the median of a seeded random direction, level by level, then by rank into leaves
+    of 1,024 to 2,048, and each sample is compared exactly with the others of its leaf:
+    O(N log N) in all. A
     near-copy is missed only when both trees split it from its original, which a pair far closer
     than its neighbours rarely is. Written here rather than with faiss: its inverted-file index
     needs a centre per few hundred samples, so finding each sample's cell grows as N^2, and its
@@ -65,21 +68,35 @@ def _nearest_and_earlier(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _leaves(x: Tensor, seed: int) -> Tensor:
-    """The leaf of each row in a random-projection tree: each level halves every node at its median along one direction."""
+    """The leaf of each row in a random-projection tree of leaves of 1,024 to 2,048 rows.
+
+    Each level halves every node at its median along a new direction, until a node holds at most
+    ``FANOUT`` leaves; a last split cuts each node by rank into leaves of at most ``LEAF``. Halving
+    alone would leave leaves between LEAF / 2 and LEAF by where N falls between two powers of
+    two (1,562 rows at N = 100k, 1,953 at 1M), and the comparisons, which cost N x leaf x D,
+    would grow faster than N.
+    """
     n = len(x)
     generator = torch.Generator().manual_seed(seed)
     leaf = torch.zeros(n, dtype=torch.long, device=x.device)
-    for level in range(max(0, math.ceil(math.log2(n / LEAF)))):
-        direction = torch.randn(x.shape[1], generator=generator).to(x.device)
-        projection = torch.cat([x[rows].float() @ direction for rows in chunks(n, x.shape[1])])
-        order = projection.argsort()
-        order = order[leaf[order].argsort(stable=True)]  # grouped by node, by projection within each
-        counts = torch.bincount(leaf, minlength=2**level)
-        starts = counts.cumsum(0) - counts
-        rank = torch.empty_like(leaf)
-        rank[order] = torch.arange(n, device=x.device) - starts[leaf[order]]
-        leaf = 2 * leaf + (rank >= counts[leaf] // 2).long()
-    return leaf
+    halvings = max(0, math.ceil(math.log2(n / (FANOUT * LEAF))))
+    for _ in range(halvings):
+        leaf = _split(x, leaf, 2, generator)
+    return _split(x, leaf, math.ceil(math.ceil(n / 2**halvings) / LEAF), generator)
+
+
+def _split(x: Tensor, node: Tensor, parts: int, generator: torch.Generator) -> Tensor:
+    """Cut each node into ``parts`` of equal size by rank along one random direction."""
+    n = len(x)
+    direction = torch.randn(x.shape[1], generator=generator).to(x.device)
+    projection = torch.cat([x[rows].float() @ direction for rows in chunks(n, x.shape[1])])
+    order = projection.argsort()
+    order = order[node[order].argsort(stable=True)]  # grouped by node, by projection within each
+    counts = torch.bincount(node)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(node)
+    rank[order] = torch.arange(n, device=x.device) - starts[node[order]]
+    return parts * node + rank * parts // counts[node]
 
 
 def _compare(x: Tensor, queries: Tensor, inside: Tensor, nearest: Tensor, earlier: Tensor) -> None:
