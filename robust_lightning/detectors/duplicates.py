@@ -90,8 +90,9 @@ def _split(x: Tensor, node: Tensor, parts: int, generator: torch.Generator) -> T
     n = len(x)
     direction = torch.randn(x.shape[1], generator=generator).to(x.device)
     projection = torch.cat([x[rows].float() @ direction for rows in chunks(n, x.shape[1])])
-    order = projection.argsort()
-    order = order[node[order].argsort(stable=True)]  # grouped by node, by projection within each
+    # One sort by (node, projection): the projection shifted into [0, span] and the node an integer above it.
+    projection = (projection - projection.min()).double()
+    order = (node * (float(projection.max()) + 1.0) + projection).argsort()
     counts = torch.bincount(node)
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(node)
