@@ -12,6 +12,9 @@ from robust_lightning.losses import GCELoss
 from robust_lightning.models import SmallCNN
 from robust_lightning.poison import PairFlip
 
+# Twelve short trainings, each variant of a path the fast tests train already: CI runs them.
+pytestmark = pytest.mark.slow
+
 CALLBACKS = {
     "PoisonFilter": lambda tmp: [PoisonFilter(start_epoch=1, every_n_epochs=1, dirpath=tmp)],
     "PoisonFilter+PseudoLabels": lambda tmp: [
