@@ -178,7 +178,7 @@ def _progress_bar(cfg: DictConfig) -> list:
 
 
 def _evaluation_bounds(datamodule: RobustDataModule) -> InputBounds:
-    """[0, 1] for inputs that live there, as images do; otherwise each feature's range in the training data."""
+    """[0, 1] for inputs that live there, as images do; otherwise each feature's range in the data."""
     seen = InputBounds.from_data(datamodule)
     return InputBounds() if seen.low.min() >= 0 and seen.high.max() <= 1 else seen
 

@@ -118,9 +118,8 @@ class UnitBoxModel(nn.Module):
 
 def _batches(datamodule: Any) -> Iterator[Any]:
     """Every batch of the training, validation and test loaders that the datamodule defines."""
-    datamodule.setup("fit")
-    for split in ("train", "val", "test"):
-        if split == "test":
-            datamodule.setup("test")
-        if is_overridden(f"{split}_dataloader", datamodule, LightningDataModule):
-            yield from getattr(datamodule, f"{split}_dataloader")()
+    for stage, splits in (("fit", ("train", "val")), ("test", ("test",))):
+        datamodule.setup(stage)
+        for split in splits:
+            if is_overridden(f"{split}_dataloader", datamodule, LightningDataModule):
+                yield from getattr(datamodule, f"{split}_dataloader")()

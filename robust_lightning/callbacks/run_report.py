@@ -67,7 +67,9 @@ class RunReport(Callback):
             self._record(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record(trainer)
+        # An epoch without validation; the history is the same on every rank, so all take this branch.
+        if not self.history or self.history[-1]["epoch"] != trainer.current_epoch:
+            self._record(trainer)
 
     def _record(self, trainer: Trainer) -> None:
         """This epoch's point of each curve, the same on every rank (a collective under DDP)."""
@@ -75,7 +77,7 @@ class RunReport(Callback):
         record = {"epoch": trainer.current_epoch, "train/loss": float(mean)}
         logged = trainer.callback_metrics
         record |= {name: float(logged[name]) for name in CURVES if name in logged and logged[name].numel() == 1}
-        if self.history and self.history[-1]["epoch"] == record["epoch"]:
+        if self.history and self.history[-1]["epoch"] == record["epoch"]:  # validated again within the epoch
             self.history[-1] = record
         else:
             self.history.append(record)

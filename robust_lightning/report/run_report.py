@@ -284,7 +284,7 @@ _TEMPLATES = jinja2.Environment(
     trim_blocks=True,
     undefined=jinja2.StrictUndefined,
 )
-_TEMPLATES.filters["embed"] = lambda figure, root: base64.b64encode(figure.read_bytes()).decode()
+_TEMPLATES.filters["embed"] = lambda figure: base64.b64encode(figure.read_bytes()).decode()
 _TEMPLATES.filters["relative"] = lambda figure, root: figure.relative_to(root).as_posix()
 
 
