@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from robust_lightning import RobustDataModule
 from robust_lightning.callbacks import PoisonFilter
-from robust_lightning.cli import CONFIG_DIR, register_recipes
+from robust_lightning.config import CONFIG_DIR, register_recipes
 from robust_lightning.data import DigitsDataModule
 from robust_lightning.detectors import detection_quality
 from robust_lightning.models import SmallCNN

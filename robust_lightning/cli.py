@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import sys
@@ -13,11 +12,11 @@ from typing import Any
 import hydra
 import torch
 import yaml
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from robust_lightning.attacks import InputBounds
@@ -31,68 +30,13 @@ from robust_lightning.callbacks import (
     RunReport,
 )
 from robust_lightning.callbacks.per_class_metrics import METRICS
+from robust_lightning.config import CONFIG_DIR, check_config, register_recipes
 from robust_lightning.data import RobustDataModule
 from robust_lightning.data.validation import split_dataset
 from robust_lightning.poison import BackdoorTrigger
 from robust_lightning.report import per_class_table
 
 log = logging.getLogger(__name__)
-
-KNOWN_KEYS = {
-    "purpose",
-    "seed",
-    "mode",
-    "ckpt_path",
-    "num_classes",
-    "data",
-    "model",
-    "trainer",
-    "poison",
-    "filter",
-    "loss",
-    "adversarial",
-    "callbacks",
-    "logger",
-    "robust",
-}
-
-
-def _resource_dir(name: str) -> Path:
-    packaged = Path(__file__).parent / name
-    # A wheel carries conf/ and recipes/ inside the package; a source checkout has them at its top.
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / name
-
-
-CONFIG_DIR = _resource_dir("conf")
-RECIPES_DIR = _resource_dir("recipes")
-
-
-def register_recipes() -> list[str]:
-    """Make every ``recipes/NAME.yaml`` an option of the ``recipe`` config group.
-
-    Recipes live outside ``conf/`` so that users find them at the top of the repository; the
-    config store is how Hydra takes a group from elsewhere under a name of our choosing.
-    """
-    store = ConfigStore.instance()
-    names = []
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
-        names.append(path.stem)
-    return names
-
-
-def check_keys(cfg: DictConfig) -> None:
-    """Refuse top-level keys that nothing reads, such as a recipe's typo."""
-    unknown = sorted(set(cfg) - KNOWN_KEYS)
-    if unknown:
-        hints = [
-            f"{key!r} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1))
-            else repr(key)
-            for key in unknown
-        ]
-        raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(KNOWN_KEYS)}.")
-
 
 MODES = ("train", "test", "audit")
 
@@ -102,13 +46,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     Writes into ``run_dir``.
     """
-    check_keys(cfg)
+    check_config(cfg)
     _check_mode(cfg)
     seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     _take_num_classes(cfg, data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # one writer per run folder, which several nodes may share
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     poison = instantiate(cfg.poison) if cfg.get("poison") else None
     datamodule = RobustDataModule(data, poison=poison, num_classes=cfg.num_classes, **cfg.robust)
     model = instantiate(cfg.model)

@@ -10,12 +10,17 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from omegaconf import open_dict
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from robust_lightning import RobustDataModule
+from robust_lightning.cli import run
+from robust_lightning.config import CONFIG_DIR, register_recipes
 from robust_lightning.data import DigitsDataModule
 
 
@@ -224,11 +229,13 @@ class ReportPage(HTMLParser):
         super().__init__()
         self.headings: list[str] = []
         self.images: dict[str, str] = {}
+        self.links: list[str] = []  # every href and src, in page order
         self._heading: list[str] | None = None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        self.links += [value for name, value in attrs.items() if name in ("href", "src")]
         if tag == "img":
             self.images[attrs["data-file"]] = attrs["src"]
         if tag == "h2":
@@ -258,3 +265,14 @@ def check_report(folder):
         assert f"](report/{figure.name})" in markdown
     assert set(page.images) == {f"report/{figure.name}" for figure in figures}
     return {figure.name for figure in figures}
+
+
+def compose_and_run(overrides: list[str], run_dir: Path) -> dict:
+    """The command's config and run in this process: each mistake checked without starting Python again."""
+    register_recipes()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        return run(cfg, run_dir)

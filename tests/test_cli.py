@@ -9,12 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ReportPage, check_report
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
-from robust_lightning.cli import CONFIG_DIR, register_recipes, run
+from helpers import ReportPage, check_report, compose_and_run
 
 SCRIPT = shutil.which("robust-lightning", path=str(Path(sys.executable).parent)) or shutil.which("robust-lightning")
 FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -105,17 +100,6 @@ def test_the_command_prints_a_clear_message_for_a_mistake(tmp_path, override, me
     assert message in result.stdout + result.stderr
 
 
-def compose_and_run(overrides: list[str], run_dir: Path) -> dict:
-    """The command's config and run in this process: each mistake checked without starting Python again."""
-    register_recipes()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
-        return run(cfg, run_dir)
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -129,12 +113,16 @@ def compose_and_run(overrides: list[str], run_dir: Path) -> dict:
         ("recipe=digits_pairfilp", "Could not find 'recipe/digits_pairfilp'"),
         ("mode=tset", "mode='tset' is not a mode: use one of train, test, audit."),
         ("mode=test", "mode=test reads a trained checkpoint: add ckpt_path=PATH"),
+        ("trainer.max_epochs=abc", "Config key trainer.max_epochs has the wrong type: 'abc' is not a valid int"),
+        ("trainer.enable_progress_bar=maybe", "Config key trainer.enable_progress_bar has the wrong type"),
+        ("seed=one", "Config key seed has the wrong type: 'one' is not a valid int"),
+        ("num_classes=12", "num_classes=12 is given, but DigitsDataModule.num_classes is 10"),
     ],
 )
 def test_mistakes_fail_with_a_clear_message(tmp_path, override, message):
     # Hydra, OmegaConf and our own checks each raise their own type: the message is what the user reads.
     with pytest.raises(Exception) as raised:
-        compose_and_run([*override.split(), *FAST], tmp_path)
+        compose_and_run([*FAST, *override.split()], tmp_path)
     text = str(raised.value) + str(raised.value.__cause__ or "")
     assert message in text, text
 

@@ -99,6 +99,17 @@ def test_bad_arguments_are_refused():
         PerClassMetrics(num_classes=3, class_names=["a", "a", "b"])
 
 
+@pytest.mark.parametrize(("config", "model_width"), [(10, 8), (12, 10)])
+def test_a_model_whose_output_width_disagrees_stops_before_training_naming_all_three(config, model_width):
+    metrics = PerClassMetrics(num_classes=config)
+    trainer = Trainer(**trainer_kwargs(max_epochs=1, callbacks=[metrics]))
+    with pytest.raises(ValueError, match="The number of classes disagrees") as raised:
+        trainer.fit(SmallCNN(num_classes=model_width), datamodule=RobustDataModule(DigitsDataModule()))
+    assert trainer.global_step == 0
+    assert f"({model_width} classes), PerClassMetrics has num_classes={config}" in str(raised.value)
+    assert "the data's is RobustDataModule.num_classes is 10" in str(raised.value)
+
+
 @pytest.mark.slow
 def test_under_ddp_the_values_equal_one_process_on_the_whole_set(tmp_path):
     # 143 validation samples over 2 ranks: DDP pads one repeat, which must not be counted, and the
@@ -125,6 +136,8 @@ def test_under_ddp_the_values_equal_one_process_on_the_whole_set(tmp_path):
 def test_the_macro_average_skips_classes_absent_from_labels_and_predictions():
     # Three classes, only 0 and 1 in the test set: a class that never occurs must not count as 0.
     class TwoClassDigits(StructuredDigits):
+        num_classes = 3
+
         def setup(self, stage):
             super().setup(stage)
             for split in (self.train_set, self.val_set, self.test_set):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from helpers import check_report, trainer_kwargs
+from helpers import ReportPage, check_report, trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 
 from robust_lightning import RobustDataModule
@@ -69,7 +71,7 @@ def test_a_run_without_filter_or_attack_gets_the_figures_it_has_evidence_for(ful
 
 
 def test_the_report_follows_the_latest_evaluation_and_shows_names_literally(tmp_path):
-    names = ["<b>zero</b>", "a|b", "$x_", "_background", *map(str, range(4, 10))]
+    names = ["<b>zero</b>", "a|b", "$x_", "_background", "[x](javascript:alert(1))", *map(str, range(5, 10))]
     metrics = PerClassMetrics(10, class_names=names)
     trainer = Trainer(**trainer_kwargs(max_epochs=2, callbacks=[metrics, RunReport(tmp_path)]))
     model = SmallCNN()
@@ -79,6 +81,10 @@ def test_the_report_follows_the_latest_evaluation_and_shows_names_literally(tmp_
     assert "Confusion matrix (validation, epoch 1)" in markdown, "the trained model's, not the baseline's"
     assert "| \\<b\\>zero\\</b\\> |" in markdown and "| a\\|b |" in markdown
     assert "<td>&lt;b&gt;zero&lt;/b&gt;</td>" in (tmp_path / "report.html").read_text()
+    # No link a name could smuggle in: Markdown's ](...) only escaped, HTML's links all the report's own.
+    assert "\\[x\\](javascript:alert(1))" in markdown and not re.search(r"(?<!\\)\]\(javascript:", markdown)
+    links = ReportPage((tmp_path / "report.html").read_text()).links
+    assert links and all(link.startswith(("#", "data:image/png;base64,")) for link in links), links
     assert check_report(tmp_path) == {"training_curves.png", "per_class_accuracy.png", "confusion.png"}
 
 

@@ -8,7 +8,8 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from robust_lightning.cli import CONFIG_DIR, register_recipes, run
+from robust_lightning.cli import run
+from robust_lightning.config import CONFIG_DIR, register_recipes
 from robust_lightning.data.vision import NORMALIZATION
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -176,6 +176,7 @@ class PerClassMetrics(Callback):
         # Metrics held by a callback are not submodules, so they must be put on the module's device.
         self._metrics = {s: _collection(self.num_classes).to(pl_module.device) for s in _STAGES}
         self._seen = {}
+        self._width_checked = False
         self._weights_epoch = None  # set again by on_load_checkpoint, which comes after setup, if one is loaded
 
     def _update(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, loader_idx: int) -> None:
@@ -184,13 +185,7 @@ class PerClassMetrics(Callback):
         x = get_field(batch, resolve_key(batch, self.input_key, "input"))
         y = get_field(batch, resolve_key(batch, self.target_key, "target"))
         position = (_STAGES.index(stage), loader_idx, self._seen.get((stage, loader_idx), 0))
-        try:
-            logits = self._logits(trainer, pl_module, x, y, position).detach()
-        except NotImplementedError as error:
-            raise NotImplementedError(
-                f"{type(self).__name__} calls {type(pl_module).__name__}(x) to get logits. "
-                "Add a forward(self, x) that returns the class logits."
-            ) from error
+        logits = self._call(lambda: self._logits(trainer, pl_module, x, y, position), pl_module).detach()
         keep = self._real_samples(trainer, stage, loader_idx, len(y))
         if keep is not None:
             if not keep.any():
@@ -198,6 +193,33 @@ class PerClassMetrics(Callback):
             keep = keep.to(y.device)
             logits, y = logits[keep], y[keep]
         self._metrics[stage].update(logits, y)
+
+    def _call(self, logits_of: Callable[[], Tensor], pl_module: LightningModule) -> Tensor:
+        try:
+            return logits_of()
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"{type(self).__name__} calls {type(pl_module).__name__}(x) to get logits. "
+                "Add a forward(self, x) that returns the class logits."
+            ) from error
+
+    def _check_width(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Before the module's own step on the first evaluation batch (the sanity check's, in a fit), so that
+        a model with too few outputs meets this message rather than an index error inside its loss."""
+        self._width_checked = True
+        x = get_field(batch, resolve_key(batch, self.input_key, "input"))
+        logits = self._call(lambda: pl_module(x), pl_module)
+        width = logits.shape[-1] if logits.ndim == 2 else None
+        if width == self.num_classes:
+            return
+        data = getattr(trainer.datamodule, "num_classes", None)
+        data_text = f"{type(trainer.datamodule).__name__}.num_classes is {data}" if data is not None else "unset"
+        raise ValueError(
+            f"The number of classes disagrees: {type(pl_module).__name__} outputs logits of shape "
+            f"{tuple(logits.shape)} ({width} classes), {type(self).__name__} has num_classes={self.num_classes} "
+            f"(the config's), and the data's is {data_text}. Fix: give the model one output per class and "
+            "the same num_classes to the config and the data."
+        )
 
     def _logits(
         self, trainer: Trainer, pl_module: LightningModule, x: Tensor, y: Tensor, position: tuple[int, ...]
@@ -274,6 +296,14 @@ class PerClassMetrics(Callback):
                     f"but holds {100 * labels[c] / total:.1f}% of the labels"
                 )
         return alerts
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._width_checked:
+            self._check_width(trainer, pl_module, batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._width_checked:
+            self._check_width(trainer, pl_module, batch)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update("val", trainer, pl_module, batch, dataloader_idx)

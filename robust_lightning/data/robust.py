@@ -28,6 +28,7 @@ from robust_lightning.data.validation import (
     split_loader,
     summarize,
 )
+from robust_lightning.integrity.access import data_folders, writable_paths
 from robust_lightning.integrity.manifest import IntegrityError, Manifest, mismatch_message
 from robust_lightning.losses.sample_state import PerSampleLoss
 from robust_lightning.poison.base import InjectionPoison, InputPoison, LabelPoison
@@ -82,6 +83,12 @@ class RobustDataModule(LightningDataModule):
         on_mismatch: ``"error"`` raises :class:`~robust_lightning.integrity.IntegrityError` naming
             every changed, relabelled, added, removed and moved sample id; ``"warn"`` warns alike and
             goes on.
+        public_key: the data owner's Ed25519 public key (``robust-lightning-manifest keygen``'s
+            public.pem). The manifest must then carry that owner's signature over its exact content,
+            or nothing starts. Training only verifies: it never needs the private key.
+        writable_data: with a manifest, what to do if this process can write to the data files
+            the datamodule names (its ``root`` or ``data_dir``): ``"error"`` (refuse, naming them)
+            or ``"warn"``. Whoever can write the data could change it unseen and write a new manifest.
 
     Example:
         >>> from robust_lightning.data import DigitsDataModule
@@ -105,15 +112,27 @@ class RobustDataModule(LightningDataModule):
         input_key: Key | None = None,
         manifest: str | Path | Manifest | None = None,
         on_mismatch: str = "error",
+        public_key: str | Path | None = None,
+        writable_data: str = "error",
     ) -> None:
         super().__init__()
-        if on_mismatch not in ("error", "warn"):
-            raise ValueError(f"on_mismatch must be 'error' or 'warn', got {on_mismatch!r}.")
+        for name, value in (("on_mismatch", on_mismatch), ("writable_data", writable_data)):
+            if value not in ("error", "warn"):
+                raise ValueError(f"{name} must be 'error' or 'warn', got {value!r}.")
+        if public_key is not None and manifest is None:
+            raise ValueError("public_key verifies a manifest's signature: pass manifest=... (the signed manifest) too.")
         if not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"RobustDataModule wraps a LightningDataModule, got {type(datamodule).__name__}.")
         if poison is not None and not isinstance(poison, (LabelPoison, InjectionPoison)):
             raise TypeError(f"poison must be a drill from robust_lightning.poison, got {type(poison).__name__}.")
-        num_classes = num_classes if num_classes is not None else getattr(datamodule, "num_classes", None)
+        own = getattr(datamodule, "num_classes", None)
+        if num_classes is not None and isinstance(own, int) and own != num_classes:
+            raise ValueError(
+                f"The number of classes disagrees: num_classes={num_classes} is given, but "
+                f"{type(datamodule).__name__}.num_classes is {own}. Fix: give num_classes={own} (and a model with "
+                f"{own} outputs), or leave num_classes out to take the datamodule's."
+            )
+        num_classes = num_classes if num_classes is not None else own
         try:
             num_classes = operator.index(num_classes)
         except TypeError:
@@ -135,7 +154,11 @@ class RobustDataModule(LightningDataModule):
         self.seed = seed
         self.manifest_source = None if manifest is None or isinstance(manifest, Manifest) else str(manifest)
         self.manifest = Manifest.load(manifest) if self.manifest_source is not None else manifest
+        if public_key is not None:
+            self.manifest.check_signature(public_key, self.manifest_source or "given")
         self.on_mismatch = on_mismatch
+        self.writable_data = writable_data
+        self._access_checked = False
         self.batch_ids: Tensor | None = None
         self.poison_mask: Tensor | None = None
         self.summary: DataSummary | None = None
@@ -168,6 +191,8 @@ class RobustDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         self.datamodule.trainer = self.trainer
         self.datamodule.setup(stage)
+        if self.manifest is not None and not self._access_checked:
+            self._check_access()
         if stage == "fit":
             self._setup_train()
             self._bind_per_sample_losses()
@@ -284,10 +309,37 @@ class RobustDataModule(LightningDataModule):
     def _reads_splits(self) -> bool:
         return self.validate or self.manifest is not None
 
+    def _check_access(self) -> None:
+        """Refuse (or warn about) data files this process could write, since it could then rewrite them unseen."""
+        self._access_checked = True
+        folders = data_folders(self.datamodule)
+        if not folders:
+            _log_on_rank_zero(
+                f"{type(self.datamodule).__name__} names no data files (no root or data_dir attribute): "
+                "whether training could write to its data was not checked."
+            )
+            return
+        writable = writable_paths(folders)
+        if not writable:
+            return
+        shown = ", ".join(map(str, writable[:3])) + (f" and {len(writable) - 3} more" if len(writable) > 3 else "")
+        message = (
+            f"This process can write to {len(writable)} of the data paths it reads ({shown}): it could change the "
+            "data and the manifest alike. Fix: mount the data read-only, or give it to another owner and drop "
+            "write permission (chmod -R a-w); or pass writable_data='warn' (robust.writable_data=warn) to go on."
+        )
+        if self.writable_data == "error":
+            raise IntegrityError(message)
+        rank_zero_warn(message)
+
     def _verify(self, split: str, strict: bool) -> None:
-        """Check a split against the manifest; an error waits for a strict read (the test split's, at test)."""
+        """Check a split against the manifest; an error waits for a strict read (the test split's, at test).
+
+        A split the manifest lacks is an error at once: an emptied or partial manifest verifies nothing.
+        """
         if self.manifest is None:
             return
+        self.manifest.require_splits([split], self.manifest_source or "given")
         diffs = {name: diff for name, diff in self.manifest.verify({split: self._scans[split]}).items() if diff}
         if not diffs:
             return
@@ -503,3 +555,8 @@ def _original_labels(before: Tensor, after: Tensor) -> Tensor:
 def _log_summary(summary: DataSummary, poison: LabelPoison | InjectionPoison | None) -> None:
     drill = f"poisoned with {poison!r}\n" if poison is not None else ""
     log.info("Data summary (samples per class):\n%s%s", drill, summary)
+
+
+@rank_zero_only
+def _log_on_rank_zero(message: str) -> None:
+    log.info(message)

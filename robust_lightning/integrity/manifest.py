@@ -1,17 +1,21 @@
-"""The manifest: a SHA-256 digest of every sample's input, its label, and a digest of the whole dataset."""
+"""The manifest: a SHA-256 digest of every sample's input, its label, and a digest of the whole dataset.
+
+It may carry the data owner's Ed25519 signature (:mod:`robust_lightning.integrity.signing`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 
 from robust_lightning.data.fields import Key
 from robust_lightning.data.validation import DataValidationError, SplitScan, scan_split, split_dataset
+from robust_lightning.integrity import signing
 from robust_lightning.integrity.diff import SplitDiff, diff_split
 
 FORMAT = "robust-lightning-manifest/1"
@@ -42,6 +46,8 @@ class Manifest:
     dtype, so a changed pixel, a changed label, an added, removed or reordered sample, and the
     same bytes read under another dtype or entry name all show up in :meth:`verify`.
     :attr:`digest` fingerprints the whole dataset in one string, to publish beside the data.
+    :meth:`signed` adds the data owner's signature, which :meth:`check_signature` verifies with
+    the public key alone.
 
     Example:
         >>> import torch
@@ -55,6 +61,7 @@ class Manifest:
     """
 
     splits: Mapping[str, Samples]
+    signature: dict[str, str] | None = None
 
     @classmethod
     def of(cls, scans: Mapping[str, SplitScan]) -> Manifest:
@@ -63,6 +70,38 @@ class Manifest:
     @property
     def digest(self) -> str:
         return _digest(self.splits)
+
+    def signed(self, private_key: str | Path) -> Manifest:
+        """This manifest signed with the Ed25519 private key at ``private_key`` (``keygen``'s private.pem)."""
+        return replace(self, signature=signing.sign(self._message, signing.load_private_key(private_key)))
+
+    def check_signature(self, public_key: str | Path, source: str = "given") -> None:
+        """Raise :class:`IntegrityError` unless the owner of ``public_key`` signed exactly this content."""
+        try:
+            key = signing.load_public_key(public_key)
+        except ValueError as error:
+            raise IntegrityError(str(error)) from None
+        problem = signing.signature_problem(self._message, self.signature, key)
+        if problem is not None:
+            raise IntegrityError(
+                f"The manifest {source} is refused: {problem}. Fix: have the data owner sign it with the private "
+                f"key that goes with {public_key} (robust-lightning-manifest create PATH --key private.pem)."
+            )
+
+    @property
+    def _message(self) -> bytes:
+        # The digest covers every split, id, sample digest and label: signing it signs them all.
+        return f"{FORMAT}\n{self.digest}\n".encode()
+
+    def require_splits(self, names: Iterable[str], source: str = "given") -> None:
+        """Raise :class:`IntegrityError` naming each of ``names`` that the manifest does not record."""
+        missing = [name for name in names if name not in self.splits]
+        if missing:
+            raise IntegrityError(
+                f"The manifest {source} records no {', '.join(missing)} split, which the data has (it records: "
+                f"{', '.join(sorted(self.splits)) or 'nothing'}). A partial manifest would let changes to those "
+                "splits through. Fix: create the manifest anew from trusted data (robust-lightning-manifest create)."
+            )
 
     def verify(self, scans: Mapping[str, SplitScan]) -> dict[str, SplitDiff]:
         """The differences of each scanned split that the manifest records; splits it lacks are not judged."""
@@ -82,6 +121,8 @@ class Manifest:
             for name, samples in self.splits.items()
         }
         document = {"format": FORMAT, "digest": self.digest, "splits": splits}
+        if self.signature is not None:
+            document["signature"] = self.signature
         Path(path).write_text(json.dumps(document, indent=0))
 
     @classmethod
@@ -95,7 +136,8 @@ class Manifest:
                 {
                     name: [(s["sha256"], int(s["label"])) for s in sorted(samples, key=lambda s: s["id"])]
                     for name, samples in document["splits"].items()
-                }
+                },
+                document.get("signature"),
             )
             stored = document["digest"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -103,6 +145,13 @@ class Manifest:
                 f"Cannot read the manifest {path}: {error}. Fix: pass the file written by "
                 "`robust-lightning-manifest create` (or Manifest.save)."
             ) from error
+        emptied = [name for name, samples in manifest.splits.items() if not samples]
+        if not manifest.splits or emptied:
+            what = f"the {', '.join(emptied)} split" if emptied else "any split"
+            raise IntegrityError(
+                f"The manifest {path} records no samples of {what}: an emptied manifest verifies nothing. "
+                "Fix: restore it from where it was published, or create it anew from trusted data."
+            )
         if manifest.digest != stored:
             raise IntegrityError(
                 f"The manifest {path} does not match its own digest: it was edited or corrupted. "
