@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +263,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Entry point of the ``robust-lightning`` console script."""
     register_recipes()
-    sys.argv = checkpoint_arguments(sys.argv)
+    sys.argv = checkpoint_arguments(launcher_arguments(sys.argv, os.environ))
     _hydra_main()
 
 
@@ -279,7 +281,7 @@ def checkpoint_arguments(argv: list[str]) -> list[str]:
     callbacks are the ones the checkpoint was trained with. A checkpoint from outside a run folder
     keeps the command line as it is, with the path made absolute.
     """
-    given = dict(arg.split("=", 1) for arg in argv[1:] if "=" in arg and not arg.startswith("-"))
+    given = _overrides(argv)
     # Lightning starts DDP's other processes with the rewritten command line: take it as it is.
     if "ckpt_path" not in given or given.get("hydra.job.name", "").startswith("train_ddp_process_"):
         return argv
@@ -297,6 +299,11 @@ def checkpoint_arguments(argv: list[str]) -> list[str]:
     flags = next((i for i, arg in enumerate(ours) if "=" in arg and not arg.startswith("-")), len(ours))
     # Overrides after the flags (--config-dir DIR ...): argparse takes one block of them.
     return [argv[0], *ours[:flags], *earlier, f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}", *ours[flags:]]
+
+
+def _overrides(argv: list[str]) -> dict[str, str]:
+    """The command line's ``KEY=VALUE`` overrides."""
+    return dict(arg.split("=", 1) for arg in argv[1:] if "=" in arg and not arg.startswith("-"))
 
 
 def _key(override: str) -> str:
@@ -331,6 +338,41 @@ def _find_checkpoint(value: str, run_dir: str | None) -> Path:
         where = f"{run_dir}/checkpoints/" if run_dir else "runs/*/checkpoints/"
         sys.exit(f"robust-lightning: ckpt_path=last: there is no last.ckpt under {where}. Give the checkpoint's path.")
     return found[-1].resolve()
+
+
+def launcher_arguments(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """The command line of a process that torchrun or srun started as one of several.
+
+    Each such process composes its own config, so the run folder cannot be Hydra's timestamp: it
+    becomes ``runs/JOB`` from the launcher's job id, unless ``hydra.run.dir`` or a checkpoint
+    (``ckpt_path=PATH``) names it. Off rank 0, Hydra writes no ``.hydra/`` and logs to
+    ``rank_N.log``, so that rank 0's files are the run's.
+    """
+    launched = _launched_rank(env)
+    if launched is None:
+        return argv
+    rank, job = launched
+    given = _overrides(argv)
+    named = "hydra.run.dir" in given or given.get("ckpt_path", "null") not in ("null", "last")
+    if not named and job is None:
+        sys.exit(
+            "robust-lightning: the processes of this run have no common run folder: torchrun was started without "
+            "--rdzv-id. Start every node with the same --rdzv-id=NAME (the run goes to runs/NAME), or pass the same "
+            "hydra.run.dir=FOLDER on every node."
+        )
+    folder = [] if named else [f"hydra.run.dir=runs/{job}"]
+    quiet = [] if rank == 0 else ["hydra.output_subdir=null", f"hydra.job.name=rank_{rank}"]
+    return [*argv, *folder, *quiet]
+
+
+def _launched_rank(env: Mapping[str, str]) -> tuple[int, str | None] | None:
+    """The global rank and job id that torchrun or srun gave this process; None for a single process."""
+    if "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        return int(env["RANK"]), None if run_id == "none" else run_id  # "none": torchrun's default --rdzv-id
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), f"slurm-{env['SLURM_JOB_ID']}"
+    return None
 
 
 if __name__ == "__main__":

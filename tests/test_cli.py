@@ -70,7 +70,7 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
         "model: small_cnn",
-        "trainer: cpu, ddp, ddp_cpu, default, gpu",
+        "trainer: cpu, ddp, ddp_cpu, default, gpu, multinode",
         "callbacks: default",
         "logger: csv",
     ):
