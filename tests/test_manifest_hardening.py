@@ -168,11 +168,15 @@ def test_data_the_training_process_cannot_write_passes():
         folder.chmod(0o755)
         (folder / "digits.npz").write_bytes(b"0")
         child = os.fork()
-        if child == 0:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            readable = all(os.access(p, os.R_OK) for p in (folder, folder / "digits.npz"))
-            os._exit(len(writable_paths([folder])) if readable else 99)
+        if child == 0:  # the child leaves by os._exit whatever happens, never back into pytest
+            status = 99
+            try:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                if all(os.access(p, os.R_OK) for p in (folder, folder / "digits.npz")):
+                    status = len(writable_paths([folder]))
+            finally:
+                os._exit(status)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "0 writable paths, and the data readable"
         assert writable_paths([folder]) == [folder, folder / "digits.npz"], "root itself may write both"
