@@ -35,7 +35,7 @@ from robust_lightning.callbacks.per_class_metrics import METRICS
 from robust_lightning.config import CONFIG_DIR, check_config, register_recipes
 from robust_lightning.data import RobustDataModule
 from robust_lightning.data.validation import split_dataset
-from robust_lightning.poison import BackdoorTrigger
+from robust_lightning.poison import BackdoorTrigger, FeatureCollision, LabelConsistentBackdoor
 from robust_lightning.report import per_class_table
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     else:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)[0]
-    if isinstance(poison, BackdoorTrigger) and trainer.is_global_zero:
+    if trainer.is_global_zero:
         # Under ddp_spawn the parent holds the trained weights too: Lightning copies them back.
-        results["test/attack_success_rate"] = poison.attack_success_rate(
-            model, split_dataset(datamodule.datamodule, "test")
-        )
+        results.update(_attack_success(poison, model, datamodule))
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         print(_closing_report(trainer.callbacks, datamodule, results, run_dir))
     return results
+
+
+def _attack_success(poison: Any, model: Any, datamodule: RobustDataModule) -> dict[str, float]:
+    """The ASR of a drill that plants an attack: a trigger's on the test set, a feature collision's on its targets."""
+    if isinstance(poison, (BackdoorTrigger, LabelConsistentBackdoor)):
+        return {
+            "test/attack_success_rate": poison.attack_success_rate(model, split_dataset(datamodule.datamodule, "test"))
+        }
+    if isinstance(poison, FeatureCollision):
+        return {"test/attack_success_rate": poison.attack_success_rate(model)}
+    return {}
 
 
 def _check_mode(cfg: DictConfig) -> None:
@@ -201,7 +210,8 @@ def _closing_report(callbacks: list, datamodule: RobustDataModule, results: dict
             f"{100 * results['test/robust_accuracy/macro']:.1f}% (mean over classes)"
         )
     if "test/attack_success_rate" in results:
-        lines.append(f"Attack success rate on the triggered test set: {100 * results['test/attack_success_rate']:.1f}%")
+        where = "its targets" if isinstance(datamodule.poison, FeatureCollision) else "the triggered test set"
+        lines.append(f"Attack success rate on {where}: {100 * results['test/attack_success_rate']:.1f}%")
     lines += _filter_lines(next((c for c in callbacks if isinstance(c, PoisonFilter)), None))
     lines += [
         f"Trained with {type(c.loss).__name__} in place of the module's {c.attr} (RobustLoss)."

@@ -60,12 +60,12 @@ def test_help_lists_recipes_and_config_groups(tmp_path):
     assert result.returncode == 0
     for line in (
         (
-            "recipe: cifar10_pgd_at, digits_backdoor, digits_clean, digits_fast_at, digits_injection, "
-            "digits_loss_sweep, digits_pairflip, digits_pgd_at, digits_sym40, digits_sym40_elr, digits_sym40_mixup, "
-            "digits_trades, mnist_pgd_at"
+            "recipe: cifar10_pgd_at, digits_backdoor, digits_clean, digits_clean_label_backdoor, digits_fast_at, "
+            "digits_feature_collision, digits_injection, digits_loss_sweep, digits_pairflip, digits_pgd_at, "
+            "digits_sym40, digits_sym40_elr, digits_sym40_mixup, digits_trades, mnist_pgd_at"
         ),
         "adversarial: fgsm_rs, pgd, trades",
-        "poison: backdoor, class_injection, pair_flip, symmetric",
+        "poison: backdoor, class_injection, clean_label_backdoor, feature_collision, pair_flip, symmetric",
         "filter: default, exclude_only, near_duplicates, none",
         "loss: bootstrap_hard, bootstrap_soft, ce, elr, forward, gce, label_smoothing, nce_rce, sce, taylor",
         "data: cifar10, digits, mnist",
