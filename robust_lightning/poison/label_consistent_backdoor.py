@@ -116,8 +116,8 @@ class LabelConsistentBackdoor(InjectionPoison):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             hard = hard_to_learn(model, inputs[sources].float(), labels[sources], self.eps, self.steps, bounds)
-        # One sample at a time: stamp_trigger reads a 2-D input as one image, not as a batch of vectors.
-        poisons = torch.stack([self._stamp.poison_input(x) for x in hard])
+        # vmap stamps each sample as one input: stamp_trigger would read a batch of vectors as one image.
+        poisons = torch.func.vmap(self._stamp.poison_input)(hard)
         return Injection(sources, poisons.to(inputs.dtype), torch.full((count,), self.target))
 
     def triggered(self, dataset: Dataset) -> Dataset:
