@@ -49,7 +49,6 @@ _TOP_LEVEL = {
         ("data", "model", "trainer", "poison", "filter", "loss", "adversarial", "callbacks", "logger", "robust"), Any
     ),
 }
-KNOWN_KEYS = set(_TOP_LEVEL)
 _SIMPLE = (int, float, bool, str)
 
 
@@ -87,15 +86,15 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_keys(cfg: DictConfig) -> None:
-    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    unknown = sorted(set(cfg) - _TOP_LEVEL.keys())
     if unknown:
         hints = [
             f"{key!r} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1))
+            if (close := difflib.get_close_matches(key, list(_TOP_LEVEL), 1))
             else repr(key)
             for key in unknown
         ]
-        raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(KNOWN_KEYS)}.")
+        raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Known top-level keys: {sorted(_TOP_LEVEL)}.")
 
 
 def _check_types(node: DictConfig, types: dict[str, Any], prefix: str) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from robust_lightning.data.fields import Key, get_field, replace_field, resolve_key
-from robust_lightning.poison.base import InputPoison, check_rate, count_for
+from robust_lightning.poison.base import InputPoison, check_rate, count_for, evaluating
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 
@@ -114,22 +114,16 @@ class BackdoorTrigger(InputPoison):
         """The samples of ``dataset`` not of class ``target``, with the trigger, under their true labels."""
         return TriggeredDataset(dataset, self.poison_input, self.target, input_key, target_key)
 
-    @torch.no_grad()
     def attack_success_rate(self, model: Callable[[Tensor], Tensor], dataset: Dataset, batch_size: int = 256) -> float:
         """Fraction of the triggered non-target samples of ``dataset`` that ``model`` classifies as ``target``."""
         triggered = self.triggered(dataset)
         loader = torch.utils.data.DataLoader(triggered, batch_size=batch_size)
         hits = total = 0
-        training = getattr(model, "training", False)
-        if hasattr(model, "eval"):
-            model.eval()
-        device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
-        for batch in loader:
-            x = get_field(batch, triggered.input_key).to(device)
-            hits += int((model(x).argmax(1) == self.target).sum())
-            total += len(x)
-        if training:
-            model.train()
+        with evaluating(model) as device:
+            for batch in loader:
+                x = get_field(batch, triggered.input_key).to(device)
+                hits += int((model(x).argmax(1) == self.target).sum())
+                total += len(x)
         return hits / max(total, 1)
 
 

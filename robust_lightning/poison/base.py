@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+
+def device_of(model: object) -> torch.device:
+    """Where ``model``'s parameters live; the CPU for a function or a module without parameters."""
+    parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next(parameters, torch.empty(0)).device
+
+
+@contextmanager
+def evaluating(model: object) -> Iterator[torch.device]:
+    """``model`` in eval mode (a module's mode is restored after), under no_grad; yields its device."""
+    training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield device_of(model)
+    finally:
+        if training:
+            model.train()
 
 
 class PoisonResult(NamedTuple):

@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 
 from robust_lightning.data.fields import get_field, resolve_key
 from robust_lightning.data.validation import split_dataset
-from robust_lightning.poison.base import Injection, InjectionPoison, check_labels
-from robust_lightning.poison.surrogate import device_of, train_surrogate
+from robust_lightning.poison.base import Injection, InjectionPoison, check_labels, device_of, evaluating
+from robust_lightning.poison.surrogate import train_surrogate
 
 
 def feature_collision(
@@ -38,7 +38,7 @@ def feature_collision(
     """
     with torch.no_grad():
         goals = features(targets)
-    low, high = torch.maximum(bases - eps, torch.tensor(bounds[0])), torch.minimum(bases + eps, torch.tensor(bounds[1]))
+    low, high = (bases - eps).clamp_min(bounds[0]), (bases + eps).clamp_max(bounds[1])
     poisons = bases.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([poisons], lr=lr)
     for _ in range(steps):
@@ -47,7 +47,7 @@ def feature_collision(
         (poisons.grad,) = torch.autograd.grad(loss, poisons)
         optimizer.step()
         with torch.no_grad():
-            poisons.copy_(torch.minimum(torch.maximum(poisons, low), high))
+            poisons.copy_(poisons.clamp(low, high))
     return poisons.detach()
 
 
@@ -164,14 +164,8 @@ class FeatureCollision(InjectionPoison):
         """The targets' inputs, stacked in the order of ``target_ids``."""
         return self._targets
 
-    @torch.no_grad()
     def attack_success_rate(self, model: Callable[[Tensor], Tensor]) -> float:
         """Fraction of the targets that ``model`` classifies as ``base_class``."""
-        device = device_of(model)
-        training = getattr(model, "training", False)
-        if isinstance(model, nn.Module):
-            model.eval()
-        hits = model(self._targets.to(device)).argmax(1) == self.base_class
-        if training:
-            model.train()
+        with evaluating(model) as device:
+            hits = model(self._targets.to(device)).argmax(1) == self.base_class
         return float(hits.float().mean())

@@ -12,8 +12,8 @@ from torch.utils.data import Dataset
 from robust_lightning.attacks.bounds import InputBounds
 from robust_lightning.attacks.factory import build_attack, perturb
 from robust_lightning.poison.backdoor import BackdoorTrigger
-from robust_lightning.poison.base import Injection, InjectionPoison, check_labels, count_for
-from robust_lightning.poison.surrogate import device_of, train_surrogate
+from robust_lightning.poison.base import Injection, InjectionPoison, check_labels, count_for, device_of
+from robust_lightning.poison.surrogate import train_surrogate
 
 BADNETS_TRIGGER = {"size": 2, "location": "bottom_right", "value": 1.0}
 

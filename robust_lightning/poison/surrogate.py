@@ -31,9 +31,3 @@ def train_surrogate(inputs: Tensor, labels: Tensor, num_classes: int, seed: int,
             loss(model(inputs[batch]), labels[batch]).backward()
             optimizer.step()
     return model.eval().requires_grad_(False)
-
-
-def device_of(model: object) -> torch.device:
-    """Where ``model``'s parameters live; the CPU for a function or a module without parameters."""
-    parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
-    return next(parameters, torch.empty(0)).device
